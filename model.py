@@ -1,0 +1,517 @@
+"""HiFi-GAN (Kong et al., 2020): generator, multi-period and multi-scale discriminators, losses, loading.
+
+Class names follow the paper's boxes and the official jik876/hifi-gan code; state-dict tensors have
+the official shapes, and `load_generator` reads the official checkpoints as well as this repo's export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+from utils import UserError
+
+LRELU_SLOPE = 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class HifiGanConfig:
+    """Every hyper-parameter needed to rebuild the generator and its mel; serialised as config.json."""
+    resblock: str = "1"
+    upsample_rates: tuple[int, ...] = (8, 8, 2, 2)
+    upsample_kernel_sizes: tuple[int, ...] = (16, 16, 4, 4)
+    upsample_initial_channel: int = 512
+    resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
+    resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+    mpd_periods: tuple[int, ...] = (2, 3, 5, 7, 11)
+    # 1 = the official discriminators. A larger divisor thins every discriminator layer; it exists
+    # for quick experiments and the test suite, where the 70 M official parameters dominate a step.
+    discriminator_width_divisor: int = 1
+    # The mel the generator consumes (DESIGN.md §1).
+    sampling_rate: int = 22050
+    num_mels: int = 80
+    n_fft: int = 1024
+    window_size: int = 1024
+    hop_size: int = 256
+    fmin: float = 0.0
+    fmax: float | None = 8000.0
+    fmax_loss: float | None = None
+    mel_scale: str = "log"
+    min_db: float = -100.0
+    max_scaled_abs: float = 4.0
+
+    def mel_kwargs(self, for_loss: bool = False) -> dict:
+        """Keyword arguments of utils.mel_spectrogram for the input mel (or the loss mel)."""
+        return dict(sampling_rate=self.sampling_rate, n_fft=self.n_fft, num_mels=self.num_mels,
+                    hop_size=self.hop_size, window_size=self.window_size, fmin=self.fmin,
+                    fmax=self.fmax_loss if for_loss else self.fmax, mel_scale=self.mel_scale,
+                    min_db=self.min_db, max_scaled_abs=self.max_scaled_abs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> HifiGanConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k in known}
+        # JSON turns tuples into lists; keep tuples so configs compare equal after a round trip.
+        for key, value in values.items():
+            if isinstance(value, list):
+                values[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        return cls(**values)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> HifiGanConfig:
+        if name not in PRESETS:
+            raise UserError(f"unknown config {name!r}; choose one of {', '.join(PRESETS)} or give a config.json path")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+# The official configs (config_v1/v2/v3.json of jik876/hifi-gan).
+PRESETS: dict[str, HifiGanConfig] = {
+    "v1": HifiGanConfig(),
+    "v2": HifiGanConfig(upsample_initial_channel=128),
+    "v3": HifiGanConfig(resblock="2", upsample_rates=(8, 8, 4), upsample_kernel_sizes=(16, 16, 8),
+                        upsample_initial_channel=256, resblock_kernel_sizes=(3, 5, 7),
+                        resblock_dilation_sizes=((1, 2), (2, 6), (3, 12))),
+}
+
+
+def resolve_config(config: HifiGanConfig | dict | str | os.PathLike | None) -> HifiGanConfig:
+    """A config from a dataclass, a dict, a preset name ("v1") or a config.json path."""
+    if config is None:
+        return HifiGanConfig()
+    if isinstance(config, HifiGanConfig):
+        return config
+    if isinstance(config, dict):
+        return HifiGanConfig.from_dict(config)
+    if str(config).lower() in PRESETS:
+        return PRESETS[str(config).lower()]
+    path = Path(config)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise UserError(f"config {config} is neither a preset ({', '.join(PRESETS)}) nor a config.json file")
+    return HifiGanConfig.from_dict(json.loads(path.read_text()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Generator
+# ---------------------------------------------------------------------------------------------
+
+def get_padding(kernel_size: int, dilation: int = 1) -> int:
+    return (kernel_size * dilation - dilation) // 2
+
+
+def init_weights(module: nn.Module, mean: float = 0.0, std: float = 0.01) -> None:
+    if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)):
+        module.weight.data.normal_(mean, std)
+
+
+class ResBlock1(nn.Module):
+    """MRF residual block, V1/V2 flavour: per dilation, a dilated conv then a plain conv."""
+
+    def __init__(self, channels: int, kernel_size: int = 3, dilation: tuple[int, ...] = (1, 3, 5)):
+        super().__init__()
+        self.convs1 = nn.ModuleList([
+            weight_norm(nn.Conv1d(channels, channels, kernel_size, 1, dilation=d, padding=get_padding(kernel_size, d)))
+            for d in dilation])
+        self.convs2 = nn.ModuleList([
+            weight_norm(nn.Conv1d(channels, channels, kernel_size, 1, dilation=1, padding=get_padding(kernel_size)))
+            for _ in dilation])
+        self.convs1.apply(init_weights)
+        self.convs2.apply(init_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv1, conv2 in zip(self.convs1, self.convs2):
+            xt = conv1(F.leaky_relu(x, LRELU_SLOPE))
+            xt = conv2(F.leaky_relu(xt, LRELU_SLOPE))
+            x = x + xt
+        return x
+
+
+class ResBlock2(nn.Module):
+    """MRF residual block, V3 flavour: one dilated conv per dilation."""
+
+    def __init__(self, channels: int, kernel_size: int = 3, dilation: tuple[int, ...] = (1, 3)):
+        super().__init__()
+        self.convs = nn.ModuleList([
+            weight_norm(nn.Conv1d(channels, channels, kernel_size, 1, dilation=d, padding=get_padding(kernel_size, d)))
+            for d in dilation])
+        self.convs.apply(init_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = x + conv(F.leaky_relu(x, LRELU_SLOPE))
+        return x
+
+
+class Generator(nn.Module):
+    """Mel [B, num_mels, frames] -> audio [B, 1, frames * prod(upsample_rates)]."""
+
+    def __init__(self, config: HifiGanConfig):
+        super().__init__()
+        self.config = config
+        self.num_kernels = len(config.resblock_kernel_sizes)
+        self.num_upsamples = len(config.upsample_rates)
+        channels = config.upsample_initial_channel
+        self.conv_pre = weight_norm(nn.Conv1d(config.num_mels, channels, 7, 1, padding=3))
+        resblock = ResBlock1 if config.resblock == "1" else ResBlock2
+        self.ups = nn.ModuleList()
+        self.resblocks = nn.ModuleList()
+        for i, (rate, kernel) in enumerate(zip(config.upsample_rates, config.upsample_kernel_sizes)):
+            self.ups.append(weight_norm(nn.ConvTranspose1d(channels // 2 ** i, channels // 2 ** (i + 1),
+                                                           kernel, rate, padding=(kernel - rate) // 2)))
+            for kernel_size, dilation in zip(config.resblock_kernel_sizes, config.resblock_dilation_sizes):
+                self.resblocks.append(resblock(channels // 2 ** (i + 1), kernel_size, dilation))
+        self.conv_post = weight_norm(nn.Conv1d(channels // 2 ** self.num_upsamples, 1, 7, 1, padding=3))
+        self.ups.apply(init_weights)
+        self.conv_post.apply(init_weights)
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        x = self.conv_pre(mel)
+        for i, up in enumerate(self.ups):
+            x = up(F.leaky_relu(x, LRELU_SLOPE))
+            # Multi-receptive-field fusion: the average of parallel residual blocks with different kernels.
+            blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
+            x = sum(block(x) for block in blocks) / self.num_kernels
+        # The official model uses leaky_relu's default slope (0.01) here, not LRELU_SLOPE; keep it
+        # so the published weights reproduce their audio.
+        x = self.conv_post(F.leaky_relu(x))
+        return torch.tanh(x)
+
+    def remove_weight_norm(self) -> Generator:
+        """Fold weight norm into plain weights (for inference and export); returns self."""
+        for module in self.modules():
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        return self
+
+
+def build_generator(config: HifiGanConfig | dict | str | None = "v1") -> Generator:
+    """A freshly initialised Generator from a preset name, a config dict/dataclass or a config.json path."""
+    return Generator(resolve_config(config))
+
+
+# ---------------------------------------------------------------------------------------------
+# Discriminators
+# ---------------------------------------------------------------------------------------------
+
+class DiscriminatorP(nn.Module):
+    """Looks at the waveform folded into [T / period, period]: 2-D convs with (k, 1) kernels see one phase."""
+
+    def __init__(self, period: int, kernel_size: int = 5, stride: int = 3, width_divisor: int = 1):
+        super().__init__()
+        self.period = period
+        channels = [1] + [c // width_divisor for c in (32, 128, 512, 1024)]
+        self.convs = nn.ModuleList([
+            weight_norm(nn.Conv2d(c_in, c_out, (kernel_size, 1), (stride, 1), padding=(get_padding(5, 1), 0)))
+            for c_in, c_out in itertools.pairwise(channels)])
+        self.convs.append(weight_norm(nn.Conv2d(channels[-1], channels[-1], (kernel_size, 1), 1, padding=(2, 0))))
+        self.conv_post = weight_norm(nn.Conv2d(channels[-1], 1, (3, 1), 1, padding=(1, 0)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        feature_maps = []
+        batch, channels, length = x.shape
+        if length % self.period != 0:
+            pad = self.period - length % self.period
+            x = F.pad(x, (0, pad), "reflect")
+            length += pad
+        x = x.view(batch, channels, length // self.period, self.period)
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), LRELU_SLOPE)
+            feature_maps.append(x)
+        x = self.conv_post(x)
+        feature_maps.append(x)
+        return torch.flatten(x, 1, -1), feature_maps
+
+
+class MultiPeriodDiscriminator(nn.Module):
+    def __init__(self, periods: tuple[int, ...] = (2, 3, 5, 7, 11), width_divisor: int = 1):
+        super().__init__()
+        self.discriminators = nn.ModuleList([DiscriminatorP(p, width_divisor=width_divisor) for p in periods])
+
+    def forward(self, audio: torch.Tensor, audio_generated: torch.Tensor):
+        """Scores and feature maps for real and generated audio: (real_scores, fake_scores, real_fmaps, fake_fmaps)."""
+        return _run_discriminators(self.discriminators, [None] * len(self.discriminators), audio, audio_generated)
+
+
+class DiscriminatorS(nn.Module):
+    """Grouped strided 1-D convs over the raw (or pooled) waveform."""
+
+    def __init__(self, use_spectral_norm: bool = False, width_divisor: int = 1):
+        super().__init__()
+        norm = spectral_norm if use_spectral_norm else weight_norm
+        c128, c256, c512, c1024 = (c // width_divisor for c in (128, 256, 512, 1024))
+        self.convs = nn.ModuleList([
+            norm(nn.Conv1d(1, c128, 15, 1, padding=7)),
+            norm(nn.Conv1d(c128, c128, 41, 2, groups=4, padding=20)),
+            norm(nn.Conv1d(c128, c256, 41, 2, groups=16, padding=20)),
+            norm(nn.Conv1d(c256, c512, 41, 4, groups=16, padding=20)),
+            norm(nn.Conv1d(c512, c1024, 41, 4, groups=16, padding=20)),
+            norm(nn.Conv1d(c1024, c1024, 41, 1, groups=16, padding=20)),
+            norm(nn.Conv1d(c1024, c1024, 5, 1, padding=2)),
+        ])
+        self.conv_post = norm(nn.Conv1d(c1024, 1, 3, 1, padding=1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        feature_maps = []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), LRELU_SLOPE)
+            feature_maps.append(x)
+        x = self.conv_post(x)
+        feature_maps.append(x)
+        return torch.flatten(x, 1, -1), feature_maps
+
+
+class MultiScaleDiscriminator(nn.Module):
+    """Three DiscriminatorS on raw, x2 and x4 average-pooled audio; spectral norm on the raw scale (paper §2.3)."""
+
+    def __init__(self, width_divisor: int = 1):
+        super().__init__()
+        self.discriminators = nn.ModuleList([DiscriminatorS(use_spectral_norm=True, width_divisor=width_divisor),
+                                             DiscriminatorS(width_divisor=width_divisor),
+                                             DiscriminatorS(width_divisor=width_divisor)])
+        self.meanpools = nn.ModuleList([nn.AvgPool1d(4, 2, padding=2), nn.AvgPool1d(4, 2, padding=2)])
+
+    def forward(self, audio: torch.Tensor, audio_generated: torch.Tensor):
+        return _run_discriminators(self.discriminators, [None, *self.meanpools], audio, audio_generated)
+
+
+def _run_discriminators(discriminators, pools, audio, audio_generated):
+    real_scores, fake_scores, real_fmaps, fake_fmaps = [], [], [], []
+    for discriminator, pool in zip(discriminators, pools):
+        if pool is not None:  # pools compound: scale i sees audio pooled i times
+            audio, audio_generated = pool(audio), pool(audio_generated)
+        score, fmap = discriminator(audio)
+        real_scores.append(score)
+        real_fmaps.append(fmap)
+        score, fmap = discriminator(audio_generated)
+        fake_scores.append(score)
+        fake_fmaps.append(fmap)
+    return real_scores, fake_scores, real_fmaps, fake_fmaps
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses (LSGAN, feature matching, mel L1)
+# ---------------------------------------------------------------------------------------------
+
+def discriminator_loss(real_scores: list[torch.Tensor], fake_scores: list[torch.Tensor]) -> torch.Tensor:
+    """LSGAN: real scores pushed to 1, generated ones to 0, summed over sub-discriminators."""
+    return sum(torch.mean((1 - real) ** 2) + torch.mean(fake ** 2) for real, fake in zip(real_scores, fake_scores))
+
+
+def generator_loss(fake_scores: list[torch.Tensor]) -> torch.Tensor:
+    """LSGAN: generated scores pushed to 1."""
+    return sum(torch.mean((1 - fake) ** 2) for fake in fake_scores)
+
+
+def feature_matching_loss(real_fmaps: list[list[torch.Tensor]], fake_fmaps: list[list[torch.Tensor]]) -> torch.Tensor:
+    """L1 between discriminator features of real and generated audio (unweighted; the paper weights it x2)."""
+    return sum(torch.mean(torch.abs(real.detach() - fake))
+               for real_layers, fake_layers in zip(real_fmaps, fake_fmaps)
+               for real, fake in zip(real_layers, fake_layers))
+
+
+def mel_loss(mel: torch.Tensor, mel_generated: torch.Tensor) -> torch.Tensor:
+    """L1 between log-mels (unweighted; the paper weights it x45)."""
+    return F.l1_loss(mel_generated, mel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: official names <-> parametrization names, loading (DESIGN.md §3)
+# ---------------------------------------------------------------------------------------------
+
+# torch.nn.utils.parametrizations names its tensors differently from the old hooks the official
+# code used; the shapes are identical, so converting is a renaming.
+_WEIGHT_NORM_NAMES = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1"}
+_SPECTRAL_NORM_NAMES = {"weight_orig": "parametrizations.weight.original", "weight_u": "parametrizations.weight.0._u",
+                        "weight_v": "parametrizations.weight.0._v"}
+
+
+def from_official_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an official (jik876) state dict to this repo's parametrization names."""
+    spectral_prefixes = {key[:-len("weight_orig")] for key in state_dict if key.endswith("weight_orig")}
+    renamed = {}
+    for key, value in state_dict.items():
+        prefix, _, name = key.rpartition(".")
+        prefix = prefix + "." if prefix else ""
+        names = _SPECTRAL_NORM_NAMES if prefix in spectral_prefixes else _WEIGHT_NORM_NAMES
+        renamed[prefix + names[name] if name in names else key] = value
+    return renamed
+
+
+def to_official_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of from_official_names: the names the official code and checkpoints use."""
+    inverse = [(v, k) for names in (_WEIGHT_NORM_NAMES, _SPECTRAL_NORM_NAMES) for k, v in names.items()]
+    renamed = {}
+    for key, value in state_dict.items():
+        for long_name, short_name in inverse:
+            if key.endswith("." + long_name) or key == long_name:
+                key = key[: len(key) - len(long_name)] + short_name
+                break
+        renamed[key] = value
+    return renamed
+
+
+def _fold_weight_norm_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Turn (weight_g, weight_v) pairs of a state dict into plain `weight` tensors (norm over all dims but 0)."""
+    folded = {}
+    for key, value in state_dict.items():
+        if key.endswith(".parametrizations.weight.original1"):
+            prefix = key[: -len("parametrizations.weight.original1")]
+            g = state_dict[prefix + "parametrizations.weight.original0"]
+            folded[prefix + "weight"] = torch._weight_norm(value, g, 0)
+        elif not key.endswith(".parametrizations.weight.original0"):
+            folded[key] = value
+    return folded
+
+
+def _unfold_weight_norm_tensors(state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+                                 ) -> dict[str, torch.Tensor]:
+    """Inverse of _fold_weight_norm_tensors for the keys `expected` has: g = ||w|| per output, v = w."""
+    unfolded = {}
+    for key in expected:
+        if key.endswith(".parametrizations.weight.original0") and key not in state_dict:
+            weight = state_dict.get(key.removesuffix("parametrizations.weight.original0") + "weight")
+            if weight is not None:
+                unfolded[key] = torch.norm_except_dim(weight, 2, 0)
+        elif key.endswith(".parametrizations.weight.original1") and key not in state_dict:
+            weight = state_dict.get(key.removesuffix("parametrizations.weight.original1") + "weight")
+            if weight is not None:
+                unfolded[key] = weight
+    folded_keys = {k.removesuffix("parametrizations.weight.original0") + "weight" for k in unfolded}
+    return {**{k: v for k, v in state_dict.items() if k not in folded_keys}, **unfolded}
+
+
+def guess_official_config(state_dict: dict[str, torch.Tensor]) -> str:
+    """V1/V2/V3 from tensor shapes: conv_pre width 512/128/256; V3 has the two-conv resblock."""
+    weight = state_dict.get("conv_pre.weight_v", state_dict.get("conv_pre.parametrizations.weight.original1",
+                                                                 state_dict.get("conv_pre.weight")))
+    if weight is None:
+        raise UserError("not a HiFi-GAN generator state dict: no conv_pre weight found")
+    width = weight.shape[0]
+    two_conv = any(".convs." in key for key in state_dict if key.startswith("resblocks."))
+    if two_conv or width == 256:
+        return "v3"
+    return {512: "v1", 128: "v2"}.get(width) or _raise(
+        UserError(f"conv_pre has {width} channels, which matches no official config; pass config= explicitly"))
+
+
+def _raise(error: Exception):
+    raise error
+
+
+def _torch_load(path: str | os.PathLike) -> dict:
+    # weights_only=True: loading a checkpoint must never run code from it.
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except Exception as error:
+        raise UserError(f"refusing to load {path}: it is not a plain tensor checkpoint "
+                        f"(torch.load weights_only=True failed: {str(error).splitlines()[0]})") from None
+
+
+def _check_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor], path, config_name: str) -> None:
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in state_dict:
+            raise UserError(f"{path}: missing tensor {key} for config {config_name}; "
+                            "is it a checkpoint of another model or config?")
+        if tuple(state_dict[key].shape) != tuple(tensor.shape):
+            guess = ""
+            try:
+                guess = f"; the file looks like {guess_official_config(state_dict)}"
+            except UserError:
+                pass
+            raise UserError(f"{path}: tensor {key} has shape {tuple(state_dict[key].shape)} but config {config_name} "
+                            f"needs {tuple(tensor.shape)}{guess}")
+
+
+def load_generator(path: str | os.PathLike, config: HifiGanConfig | dict | str | None = None,
+                   device: str | torch.device = "cpu") -> Generator:
+    """A ready Generator in eval mode from this repo's export or an official jik876 generator file.
+
+    Repo export: a folder (or its `generator.safetensors`) with `config.json` beside it. Official file
+    (`g_XXXXXXXX`, `generator_v1`): {"generator": state_dict}; with config=None the preset is guessed
+    from the tensor shapes and announced. A `config` (preset name, dict, dataclass, json path) overrides.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "generator.safetensors"
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state_dict = load_file(str(path))
+        if config is None:
+            if not (path.parent / "config.json").is_file():
+                raise UserError(f"{path} has no config.json beside it; pass --config v1|v2|v3 or a config.json")
+            config = path.parent / "config.json"
+        config_name = str(config)
+    else:
+        checkpoint = _torch_load(path)
+        if isinstance(checkpoint, dict) and "generator" in checkpoint:
+            state_dict = checkpoint["generator"]
+        elif isinstance(checkpoint, dict) and ("mpd" in checkpoint or "msd" in checkpoint):
+            raise UserError(f"{path} is a discriminator checkpoint (keys mpd/msd), not a generator; use its g_ file")
+        elif isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            state_dict = checkpoint
+        else:
+            keys = list(checkpoint)[:5] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+            raise UserError(f"{path} is not a HiFi-GAN generator checkpoint (found {keys})")
+        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+        if config is None:
+            config = guess_official_config(state_dict)
+            warnings.warn(f"{path} carries no config; its tensor shapes say HiFi-GAN {config.upper()}", stacklevel=2)
+        config_name = str(config)
+    generator = Generator(resolve_config(config))
+    # Always hand back a weight-normed generator (trainable, finetunable); a file with folded
+    # weights (this repo's export) gets its (g, v) re-derived. Inference folds it again.
+    state_dict = _unfold_weight_norm_tensors(from_official_names(state_dict), generator.state_dict())
+    _check_shapes(generator, state_dict, path, config_name)
+    generator.load_state_dict(state_dict)
+    return generator.to(device).eval()
+
+
+def load_discriminators(path: str | os.PathLike, mpd: MultiPeriodDiscriminator,
+                        msd: MultiScaleDiscriminator) -> None:
+    """Load an official `do_XXXXXXXX` file (keys mpd, msd) or this repo's equivalent into the given modules."""
+    checkpoint = _torch_load(path)
+    if not (isinstance(checkpoint, dict) and "mpd" in checkpoint and "msd" in checkpoint):
+        raise UserError(f"{path} is not a discriminator checkpoint (expected keys mpd and msd)")
+    for name, module in (("mpd", mpd), ("msd", msd)):
+        state_dict = from_official_names({k.removeprefix("module."): v for k, v in checkpoint[name].items()})
+        _check_shapes(module, state_dict, path, name)
+        module.load_state_dict(state_dict)
+
+
+def save_generator(generator: Generator, folder: str | os.PathLike) -> Path:
+    """Export for inference: `generator.safetensors` (weight norm folded) + `config.json`, written atomically."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state_dict = _fold_weight_norm_tensors({k: v.detach().cpu().contiguous()
+                                            for k, v in generator.state_dict().items()})
+    weights_tmp, config_tmp = folder / "generator.safetensors.tmp", folder / "config.json.tmp"
+    save_file(state_dict, str(weights_tmp), metadata={"format": "pt", "weight_norm": "folded"})
+    config_tmp.write_text(json.dumps(generator.config.to_dict(), indent=2))
+    os.replace(weights_tmp, folder / "generator.safetensors")
+    os.replace(config_tmp, folder / "config.json")
+    return folder / "generator.safetensors"

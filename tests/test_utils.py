@@ -1,0 +1,82 @@
+"""The one mel function (DESIGN.md §1), audio loading and manifests."""
+
+import math
+
+import librosa
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from conftest import synth_clip, write_corpus
+
+from utils import UserError, db_mel_to_log_mel, load_audio, log_mel_to_db_mel, mel_spectrogram, read_manifest
+
+MEL = dict(sampling_rate=22050, n_fft=1024, num_mels=80, hop_size=256, window_size=1024, fmin=0, fmax=8000)
+
+
+def reference_log_mel(audio: np.ndarray) -> np.ndarray:
+    """The same formula computed independently in numpy (framing by hand, numpy FFT)."""
+    n_fft, hop = 1024, 256
+    pad = (n_fft - hop) // 2
+    padded = np.pad(audio.astype(np.float64), (pad, pad), mode="reflect")
+    frames = 1 + (len(padded) - n_fft) // hop
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann
+    spectrum = np.stack([np.fft.rfft(padded[i * hop:i * hop + n_fft] * window) for i in range(frames)], axis=1)
+    magnitude = np.sqrt(spectrum.real ** 2 + spectrum.imag ** 2 + 1e-9)
+    basis = librosa.filters.mel(sr=22050, n_fft=n_fft, n_mels=80, fmin=0, fmax=8000)
+    return np.log(np.maximum(basis @ magnitude, 1e-5))
+
+
+@pytest.mark.parametrize("length", [22050, 22050 + 100, 5 * 256])
+def test_log_mel_matches_independent_formula_and_frame_count(length):
+    audio = synth_clip(length / 22050 + 0.01)[:length]
+    mel = mel_spectrogram(torch.from_numpy(audio), **MEL)
+    assert mel.shape == (80, length // 256)
+    assert np.abs(mel.numpy() - reference_log_mel(audio)).max() < 1e-3
+
+
+def test_batched_equals_single_and_db_scale_is_affine_image():
+    audio = torch.from_numpy(np.stack([synth_clip(0.5, seed=1), synth_clip(0.5, seed=2)]))
+    batched = mel_spectrogram(audio, **MEL)
+    assert torch.allclose(batched[1], mel_spectrogram(audio[1], **MEL), atol=1e-5)
+    db = mel_spectrogram(audio, **MEL, mel_scale="db")
+    assert db.min() >= -4 and db.max() <= 4
+    assert torch.allclose(db, log_mel_to_db_mel(batched), atol=1e-4)
+    inside = db.abs() < 3.99
+    assert torch.allclose(db_mel_to_log_mel(db)[inside], batched[inside], atol=1e-4)
+    # natural log, clamped at 1e-5: silence sits exactly at log(1e-5)
+    silent = mel_spectrogram(torch.zeros(4096), **MEL)
+    assert torch.allclose(silent, torch.full_like(silent, math.log(1e-5)))
+
+
+def test_load_audio_int16_stereo_resampled_and_peak_normalised(tmp_path):
+    clip = synth_clip(0.5, sampling_rate=44100)
+    clip[100] = -1.0  # the loudest sample is negative: normalising by max() would overshoot
+    stereo = np.stack([clip, 0.5 * clip], axis=1)
+    sf.write(tmp_path / "a.wav", (stereo * 32767).astype(np.int16), 44100, subtype="PCM_16")
+    with pytest.warns(UserWarning, match="resampling"):
+        audio = load_audio(tmp_path / "a.wav", 22050)
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert abs(len(audio) - 11025) <= 1
+    assert abs(np.abs(audio).max() - 0.95) < 1e-5
+
+
+def test_load_audio_bad_file_names_it(tmp_path):
+    (tmp_path / "bad.wav").write_bytes(b"not audio at all")
+    with pytest.raises(UserError, match=r"bad\.wav"):
+        load_audio(tmp_path / "bad.wav", 22050)
+
+
+def test_manifest_formats_and_missing_file(tmp_path):
+    csv_manifest = write_corpus(tmp_path / "csv", 3)
+    rows = read_manifest(csv_manifest)
+    assert len(rows) == 3 and rows[0].transcript == "clip number 0" and rows[0].audio_path.endswith("train_000.wav")
+    lj = tmp_path / "lj"
+    (lj / "wavs").mkdir(parents=True)
+    sf.write(lj / "wavs" / "LJ001-0001.wav", synth_clip(0.2), 22050)
+    (lj / "metadata.csv").write_text("LJ001-0001|Dr. Smith, 1 st.|Doctor Smith, one st.\n")
+    rows = read_manifest(lj / "metadata.csv")
+    assert rows[0].transcript == "Doctor Smith, one st." and rows[0].audio_path.endswith("wavs/LJ001-0001.wav")
+    (lj / "metadata.csv").write_text("LJ001-0001|a|a\nLJ001-0002|b|b\n")
+    with pytest.raises(UserError, match=r"line 2: audio file .*LJ001-0002.wav does not exist"):
+        read_manifest(lj / "metadata.csv")

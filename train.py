@@ -1,0 +1,527 @@
+"""Train HiFi-GAN: pretraining on ground-truth mels, or --finetune on teacher-forced Tacotron2 mels.
+
+    accelerate launch train.py --experiment_name hifigan --working_directory work_dir \
+        --path_to_train_manifest data/train.csv --path_to_val_manifest data/test.csv
+
+One CPU, one GPU, many GPUs or many nodes: all through `accelerate launch` and its configs.
+Reads top to bottom: flags -> config -> data -> models -> optimisers -> resume -> loop -> checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from dataset import MelDataset
+from model import (
+    PRESETS,
+    Generator,
+    HifiGanConfig,
+    MultiPeriodDiscriminator,
+    MultiScaleDiscriminator,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_loss,
+    load_discriminators,
+    load_generator,
+    mel_loss,
+    save_generator,
+)
+from utils import UserError, mel_spectrogram
+
+COMPLETE_MARKER = "checkpoint_complete"
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags
+# ---------------------------------------------------------------------------------------------
+
+def int_list(text: str) -> list[int]:
+    """'8 8 2 2' arrives as four tokens; '8,8,2,2' or '(8,8,2,2)' as one. Accept all."""
+    return [int(v) for v in text.replace("(", " ").replace(")", " ").replace("[", " ").replace("]", " ")
+            .replace(",", " ").split()]
+
+
+def nested_int_tuple(text: str) -> tuple[tuple[int, ...], ...]:
+    """Parse '((1,3,5),(1,3,5),(1,3,5))' with ast.literal_eval (never eval: a flag must not run code)."""
+    try:
+        value = ast.literal_eval(text)
+        result = tuple(tuple(int(d) for d in group) for group in value)
+    except (ValueError, SyntaxError, TypeError):
+        raise argparse.ArgumentTypeError(
+            f"expected nested integer tuples like '((1,3,5),(1,3,5))', got {text!r}") from None
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    # Run and data
+    add("--experiment_name", required=True, help="run folder name under --working_directory")
+    add("--working_directory", required=True, help="where checkpoints and logs go")
+    add("--path_to_train_manifest", required=True)
+    add("--path_to_val_manifest", required=True)
+    add("--training_epochs", type=int, default=3100, help="official: 3100 epochs of LJSpeech at batch 16")
+    add("--max_steps", type=int, default=None, help="stop after this many optimiser steps (overrides epochs)")
+    add("--console_out_iters", type=int, default=10, help="print a console line every N steps")
+    add("--wandb_log_iters", type=int, default=10, help="log scalars to the trackers every N steps")
+    add("--checkpoint_epochs", type=int, default=1, help="save a checkpoint every N epochs")
+    add("--checkpoint_steps", type=int, default=None, help="also save every N steps")
+    add("--validation_steps", type=int, default=1000, help="validate every N steps (and at the end)")
+    add("--num_val_clips", type=int, default=None, help="validate on the first N clips only (default: all)")
+    add("--keep_last_checkpoints", type=int, default=3)
+    add("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    add("--batch_size", type=int, default=16, help="per process")
+    add("--num_workers", type=int, default=4)
+    add("--seed", type=int, default=1234)
+    # Optimisation
+    add("--learning_rate", type=float, default=2e-4)
+    add("--beta1", type=float, default=0.8)
+    add("--beta2", type=float, default=0.99)
+    add("--lr_decay", type=float, default=0.999, help="ExponentialLR gamma, stepped once per epoch")
+    add("--lambda_mel", type=float, default=45.0)
+    add("--lambda_feature_matching", type=float, default=2.0)
+    add("--max_nonfinite_steps", type=int, default=20,
+        help="stop (after saving) when this many steps in a row had a non-finite loss or gradient")
+    # Model (None = take it from the --config preset)
+    add("--config", default="v1", help="preset v1|v2|v3 (or a config.json); explicit flags override it")
+    add("--resblock", choices=["1", "2"], default=None)
+    add("--upsample_rates", type=int_list, nargs="+", default=None)
+    add("--upsample_kernel_sizes", type=int_list, nargs="+", default=None)
+    add("--upsample_initial_channel", type=int, default=None)
+    add("--resblock_kernel_sizes", type=int_list, nargs="+", default=None)
+    add("--resblock_dilation_sizes", type=nested_int_tuple, default=None, help="'((1,3,5),(1,3,5),(1,3,5))'")
+    add("--mpd_periods", type=int_list, nargs="+", default=None)
+    add("--discriminator_width_divisor", type=int, default=None,
+        help="thin every discriminator layer by this factor (1 = official; tests use 8)")
+    # Audio and mel (DESIGN.md §1)
+    add("--sampling_rate", type=int, default=None)
+    add("--segment_size", type=int, default=8192)
+    add("--num_mels", type=int, default=None)
+    add("--n_fft", type=int, default=None)
+    add("--window_size", type=int, default=None)
+    add("--hop_size", type=int, default=None)
+    add("--fmin", type=float, default=None)
+    add("--fmax", type=float, default=None)
+    add("--fmax_loss", type=float, default=None, help="mel-loss fmax (default: sampling_rate / 2)")
+    add("--mel_scale", choices=["log", "db"], default=None)
+    add("--min_db", type=float, default=None)
+    add("--max_scaled_abs", type=float, default=None)
+    # Logging
+    add("--log_wandb", action="store_true", help="same as --report_to wandb")
+    add("--report_to", choices=["wandb", "tensorboard", "none"], default=None)
+    add("--num_audio_samples", type=int, default=3, help="validation clips logged as audio and mel images")
+    # Finetuning on teacher-forced mels
+    add("--finetune", action="store_true")
+    add("--path_to_saved_mels", default=None, help="folder of <wav stem>.npy teacher-forced mels")
+    add("--path_to_pretrained_weights", default=None,
+        help="a checkpoint folder of this repo, a generator export, or an official g_XXXXXXXX file "
+             "(its do_XXXXXXXX beside it is loaded for the discriminators)")
+    args = parser.parse_args(argv)
+    for name in ("upsample_rates", "upsample_kernel_sizes", "resblock_kernel_sizes", "mpd_periods"):
+        if getattr(args, name) is not None:  # nargs="+" of lists -> one flat list
+            setattr(args, name, tuple(itertools.chain.from_iterable(getattr(args, name))))
+    if args.finetune and not (args.path_to_saved_mels and args.path_to_pretrained_weights):
+        parser.error("--finetune needs --path_to_saved_mels DIR and --path_to_pretrained_weights CKPT")
+    return args
+
+
+def build_config(args: argparse.Namespace) -> HifiGanConfig:
+    base = PRESETS.get(args.config.lower())
+    if base is None:
+        from model import resolve_config
+        base = resolve_config(args.config)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(HifiGanConfig)
+                 if getattr(args, f.name, None) is not None}
+    config = dataclasses.replace(base, **overrides)
+    if math.prod(config.upsample_rates) != config.hop_size:
+        raise UserError(f"the upsample rates {config.upsample_rates} multiply to {math.prod(config.upsample_rates)}, "
+                        f"but the generator must upsample each mel frame by --hop_size {config.hop_size}")
+    if len(config.upsample_rates) != len(config.upsample_kernel_sizes):
+        raise UserError("--upsample_rates and --upsample_kernel_sizes need the same number of values")
+    if len(config.resblock_kernel_sizes) != len(config.resblock_dilation_sizes):
+        raise UserError("--resblock_kernel_sizes and --resblock_dilation_sizes need the same number of entries")
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints (DESIGN.md §3)
+# ---------------------------------------------------------------------------------------------
+
+class TrainState:
+    """Step and epoch, saved by accelerate's save_state beside models, optimisers and RNG."""
+
+    def __init__(self):
+        self.step = 0
+        self.epoch = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first. A folder without the marker (killed mid-write) is not one."""
+    found = [path for path in run_dir.glob("checkpoint_*")
+             if path.name.removeprefix("checkpoint_").isdigit() and (path / COMPLETE_MARKER).exists()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("checkpoint_")))
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, generator: torch.nn.Module,
+                    keep_last: int) -> Path:
+    """save_state into a temporary folder, then rename: a kill at any moment leaves the last checkpoint intact."""
+    final = run_dir / f"checkpoint_{state.step}"
+    tmp = run_dir / f".tmp_checkpoint_{state.step}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        save_generator(accelerator.unwrap_model(generator), tmp)  # for inference.py and --finetune
+        (tmp / COMPLETE_MARKER).write_text(f"step {state.step}\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_resume_checkpoint(value: str, run_dir: Path) -> Path | None:
+    if value != "latest":
+        path = Path(value)
+        if not (path / COMPLETE_MARKER).exists():
+            raise UserError(f"--resume_from_checkpoint {path} is not a complete checkpoint folder "
+                            f"(no {COMPLETE_MARKER} file inside); pass 'latest' or another checkpoint_<step>")
+        return path
+    checkpoints = complete_checkpoints(run_dir)
+    for partial in run_dir.glob(".tmp_checkpoint_*"):
+        print(f"ignoring incomplete checkpoint {partial} (the run was killed while writing it)")
+    return checkpoints[-1] if checkpoints else None
+
+
+def load_pretrained(path: str, generator: Generator, mpd: torch.nn.Module, msd: torch.nn.Module) -> str:
+    """Start weights for --finetune: a checkpoint of this repo, a generator export, or official g_/do_ files."""
+    path = Path(path)
+    if path.is_dir() and (path / "model.safetensors").exists():  # a checkpoint_<step> folder of this repo
+        from safetensors.torch import load_file
+        for module, name in ((generator, "model"), (mpd, "model_1"), (msd, "model_2")):
+            module.load_state_dict(load_file(str(path / f"{name}.safetensors")))
+        return "generator and discriminators from checkpoint"
+    generator.load_state_dict(load_generator(path, config=generator.config).state_dict())
+    discriminator_file = path.parent / path.name.replace("g_", "do_", 1) if path.name.startswith("g_") else None
+    if discriminator_file is not None and discriminator_file.exists():
+        load_discriminators(discriminator_file, mpd, msd)
+        return f"generator from {path}, discriminators from {discriminator_file}"
+    return f"generator from {path} (discriminators start fresh)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging helpers
+# ---------------------------------------------------------------------------------------------
+
+def setup_trackers(args: argparse.Namespace) -> str | None:
+    report_to = args.report_to or ("wandb" if args.log_wandb else None)
+    if report_to in (None, "none"):
+        return None
+    if report_to == "wandb" and "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
+        netrc = Path.home() / ".netrc"
+        if not (netrc.exists() and "api.wandb.ai" in netrc.read_text()):
+            # No credentials: log offline rather than stop or prompt; `wandb sync` uploads later.
+            os.environ["WANDB_MODE"] = "offline"
+    return report_to
+
+
+def plot_mels(mel_true: torch.Tensor, mel_generated: torch.Tensor):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(2, 1, figsize=(10, 5), sharex=True)
+    for axis, mel, title in zip(axes, (mel_true, mel_generated), ("ground truth", "generated")):
+        axis.imshow(mel.float().cpu().numpy(), origin="lower", aspect="auto", interpolation="none")
+        axis.set_title(title)
+    figure.tight_layout()
+    return figure
+
+
+def log_media(accelerator: Accelerator, report_to: str | None, step: int, samples: list, sampling_rate: int) -> None:
+    """Audio and mel images of a few validation clips, ground truth beside generated."""
+    if report_to is None or not samples:
+        return
+    import matplotlib.pyplot as plt
+    if report_to == "wandb":
+        import wandb
+        logs = {}
+        for i, (audio, audio_generated, mel, mel_generated) in enumerate(samples):
+            logs[f"val/audio_{i}"] = wandb.Audio(audio_generated.numpy(), sample_rate=sampling_rate,
+                                                 caption="generated")
+            if step == 0 or not hasattr(log_media, "_logged_truth"):
+                logs[f"val/audio_{i}_ground_truth"] = wandb.Audio(audio.numpy(), sample_rate=sampling_rate)
+            figure = plot_mels(mel, mel_generated)
+            logs[f"val/mel_{i}"] = wandb.Image(figure)
+            plt.close(figure)
+        log_media._logged_truth = True
+        accelerator.get_tracker("wandb").log(logs, step=step)
+    elif report_to == "tensorboard":
+        writer = accelerator.get_tracker("tensorboard").writer
+        for i, (_, audio_generated, mel, mel_generated) in enumerate(samples):
+            writer.add_audio(f"val/audio_{i}", audio_generated.unsqueeze(0), step, sample_rate=sampling_rate)
+            figure = plot_mels(mel, mel_generated)
+            writer.add_figure(f"val/mel_{i}", figure, step)
+
+
+@torch.no_grad()
+def validate(generator: Generator, loader: DataLoader, config: HifiGanConfig, device: torch.device,
+             num_audio_samples: int) -> tuple[float, list]:
+    """Mel L1 on whole utterances (the paper's validation metric), plus a few clips to listen to."""
+    generator.eval()
+    total, count, samples = 0.0, 0, []
+    for i, (mel, audio, loss_mel) in enumerate(loader):
+        mel, loss_mel = mel.to(device), loss_mel.to(device)
+        audio_generated = generator(mel).squeeze(1)
+        mel_generated = mel_spectrogram(audio_generated.float(), **config.mel_kwargs(for_loss=True))
+        frames = min(mel_generated.shape[-1], loss_mel.shape[-1])
+        total += torch.nn.functional.l1_loss(mel_generated[..., :frames], loss_mel[..., :frames]).item()
+        count += 1
+        if i < num_audio_samples:
+            samples.append((audio[0].cpu(), audio_generated[0].float().cpu(), loss_mel[0].cpu(),
+                            mel_generated[0].cpu()))
+    generator.train()
+    return total / max(count, 1), samples
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> Generator:
+    """Train; returns this process's (unwrapped) generator."""
+    args = parse_args(argv)
+    config = build_config(args)
+    run_dir = Path(args.working_directory) / args.experiment_name
+    report_to = setup_trackers(args)
+
+    accelerator = Accelerator(
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        # Data order from (seed, epoch), so a resumed run replays the interrupted epoch's order.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # ExponentialLR steps once per *epoch*; without this, accelerate would step it with every optimiser step.
+        step_scheduler_with_optimizer=False,
+    )
+    # `accelerate launch --multi_gpu` with no GPU and no ACCELERATE_USE_CPU starts N unrelated
+    # single-process runs that would all write the same checkpoints (DESIGN.md §7).
+    launched_world = int(os.environ.get("WORLD_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if launched_world > 1 and accelerator.num_processes == 1:
+        raise UserError(f"launched as {launched_world} processes but each runs alone (no GPUs?); for "
+                        "multi-process CPU training set ACCELERATE_USE_CPU=1 before `accelerate launch --multi_gpu`")
+    set_seed(args.seed, device_specific=False)
+    accelerator.print(f"HiFi-GAN on {accelerator.num_processes} process(es), device {accelerator.device}, "
+                      f"mixed precision {accelerator.mixed_precision}")
+
+    # Data
+    saved_mels = args.path_to_saved_mels if args.finetune else None
+    train_set = MelDataset(args.path_to_train_manifest, config, args.segment_size, train=True,
+                           saved_mels_dir=saved_mels, seed=args.seed)
+    val_set = MelDataset(args.path_to_val_manifest, config, args.segment_size, train=False,
+                         saved_mels_dir=saved_mels, seed=args.seed)
+    if len(train_set) < args.batch_size * accelerator.num_processes:
+        raise UserError(f"{args.path_to_train_manifest} has {len(train_set)} clips, fewer than one batch of "
+                        f"{args.batch_size} x {accelerator.num_processes} processes; lower --batch_size")
+    if args.num_val_clips is not None:
+        val_set.rows = val_set.rows[:args.num_val_clips]
+    pin = accelerator.device.type == "cuda"
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                              num_workers=args.num_workers, pin_memory=pin)
+    val_loader = DataLoader(val_set, batch_size=1, shuffle=False, num_workers=min(args.num_workers, 1))
+
+    # Models, optimisers, schedulers
+    generator = Generator(config)
+    mpd = MultiPeriodDiscriminator(config.mpd_periods, config.discriminator_width_divisor)
+    msd = MultiScaleDiscriminator(config.discriminator_width_divisor)
+    if args.finetune:
+        accelerator.print(f"finetuning: {load_pretrained(args.path_to_pretrained_weights, generator, mpd, msd)}")
+    optim_g = torch.optim.AdamW(generator.parameters(), args.learning_rate, betas=(args.beta1, args.beta2))
+    optim_d = torch.optim.AdamW(itertools.chain(mpd.parameters(), msd.parameters()), args.learning_rate,
+                                betas=(args.beta1, args.beta2))
+    scheduler_g = torch.optim.lr_scheduler.ExponentialLR(optim_g, gamma=args.lr_decay)
+    scheduler_d = torch.optim.lr_scheduler.ExponentialLR(optim_d, gamma=args.lr_decay)
+    # Every module goes through prepare and the loop calls the *prepared* ones: that is what makes
+    # DDP average gradients across processes.
+    generator, mpd, msd, optim_g, optim_d, scheduler_g, scheduler_d, train_loader = accelerator.prepare(
+        generator, mpd, msd, optim_g, optim_d, scheduler_g, scheduler_d, train_loader)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+
+    if args.resume_from_checkpoint:
+        checkpoint = find_resume_checkpoint(args.resume_from_checkpoint, run_dir)
+        if checkpoint is None:
+            accelerator.print(f"no checkpoint in {run_dir} yet; starting from scratch")
+        else:
+            accelerator.load_state(str(checkpoint))
+            accelerator.print(f"resumed from {checkpoint} at step {state.step}, epoch {state.epoch}")
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    if report_to:
+        accelerator.init_trackers(args.experiment_name, config={**vars(args), **config.to_dict()},
+                                  init_kwargs={"wandb": {"dir": str(run_dir), "name": args.experiment_name}})
+        if report_to == "wandb" and os.environ.get("WANDB_MODE") == "offline":
+            accelerator.print(f"wandb is offline: logs go to {run_dir / 'wandb'} (upload with `wandb sync`)")
+
+    steps_per_epoch = len(train_loader)
+    max_steps = args.max_steps if args.max_steps is not None else args.training_epochs * steps_per_epoch
+    total_epochs = math.ceil(max_steps / steps_per_epoch)
+    mel_kwargs_loss = config.mel_kwargs(for_loss=True)
+    progress = tqdm(total=max_steps, initial=state.step, disable=not accelerator.is_main_process,
+                    desc="train", dynamic_ncols=True)
+    nonfinite_in_a_row, nonfinite_total = 0, 0
+    last_log_time, last_log_step = time.perf_counter(), state.step
+    data_wait = 0.0
+
+    def maybe_validate(force: bool = False) -> None:
+        if not (force or state.step % args.validation_steps == 0):
+            return
+        if accelerator.is_main_process:
+            val_error, samples = validate(accelerator.unwrap_model(generator), val_loader, config,
+                                          accelerator.device, args.num_audio_samples)
+            accelerator.print(f"step {state.step}: validation mel L1 {val_error:.4f}")
+            accelerator.log({"val/mel_error": val_error}, step=state.step)
+            log_media(accelerator, report_to, state.step, samples, config.sampling_rate)
+        accelerator.wait_for_everyone()
+
+    stop_reason = None
+    while state.step < max_steps and stop_reason is None:
+        epoch = state.epoch
+        train_set.set_epoch(epoch)
+        train_loader.set_epoch(epoch)
+        skip = state.step - epoch * steps_per_epoch  # resumed mid-epoch: skip the batches already seen
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip > 0 else train_loader
+        fetch_start = time.perf_counter()
+        for mel, audio, loss_mel in loader:
+            data_wait += time.perf_counter() - fetch_start
+            audio = audio.unsqueeze(1)
+
+            audio_generated = generator(mel)
+            with torch.autocast(accelerator.device.type, enabled=False):  # the mel loss in full precision
+                mel_generated = mel_spectrogram(audio_generated.squeeze(1).float(), **mel_kwargs_loss)
+
+            # Discriminator step, on generated audio detached from the generator.
+            optim_d.zero_grad(set_to_none=True)
+            real, fake, _, _ = mpd(audio, audio_generated.detach())
+            loss_disc_period = discriminator_loss(real, fake)
+            real, fake, _, _ = msd(audio, audio_generated.detach())
+            loss_disc_scale = discriminator_loss(real, fake)
+            loss_disc = loss_disc_period + loss_disc_scale
+            accelerator.backward(loss_disc)
+            grad_norm_d = accelerator.clip_grad_norm_(itertools.chain(mpd.parameters(), msd.parameters()), math.inf)
+
+            # Generator step: adversarial + feature matching + mel L1.
+            optim_g.zero_grad(set_to_none=True)
+            _, fake_period, fmap_real_period, fmap_fake_period = mpd(audio, audio_generated)
+            _, fake_scale, fmap_real_scale, fmap_fake_scale = msd(audio, audio_generated)
+            loss_mel = mel_loss(loss_mel, mel_generated)
+            loss_fm = feature_matching_loss(fmap_real_period, fmap_fake_period) + \
+                feature_matching_loss(fmap_real_scale, fmap_fake_scale)
+            loss_adv = generator_loss(fake_period) + generator_loss(fake_scale)
+            loss_gen = loss_adv + args.lambda_feature_matching * loss_fm + args.lambda_mel * loss_mel
+            accelerator.backward(loss_gen)
+            grad_norm_g = accelerator.clip_grad_norm_(generator.parameters(), math.inf)
+
+            # A non-finite loss or gradient would poison the weights: skip both optimiser steps.
+            # Gradients are all-reduced, so every process takes the same decision.
+            finite = bool(torch.isfinite(torch.stack([loss_disc.detach().float(), loss_gen.detach().float(),
+                                                      grad_norm_d.float(), grad_norm_g.float()])).all())
+            if finite:
+                optim_d.step()
+                optim_g.step()
+                nonfinite_in_a_row = 0
+            else:
+                nonfinite_in_a_row += 1
+                nonfinite_total += 1
+                accelerator.print(f"step {state.step + 1}: non-finite loss or gradient, optimiser step skipped "
+                                  f"({nonfinite_in_a_row} in a row)")
+            optim_d.zero_grad(set_to_none=True)
+            optim_g.zero_grad(set_to_none=True)
+
+            state.step += 1
+            progress.update(1)
+            if state.step % args.wandb_log_iters == 0 or state.step % args.console_out_iters == 0:
+                now = time.perf_counter()
+                steps_per_second = (state.step - last_log_step) / max(now - last_log_time, 1e-9)
+                scalars = {"train/loss_generator": loss_gen.item(), "train/loss_discriminator": loss_disc.item(),
+                           "train/loss_mel": loss_mel.item(), "train/loss_feature_matching": loss_fm.item(),
+                           "train/loss_adversarial": loss_adv.item(), "train/grad_norm_generator": grad_norm_g.item(),
+                           "train/grad_norm_discriminator": grad_norm_d.item(),
+                           "train/learning_rate": scheduler_g.get_last_lr()[0],
+                           "train/steps_per_second": steps_per_second,
+                           "train/data_wait_seconds_per_step": data_wait / max(state.step - last_log_step, 1),
+                           "train/nonfinite_steps": nonfinite_total, "train/epoch": epoch}
+                if state.step % args.wandb_log_iters == 0:
+                    accelerator.log(scalars, step=state.step)
+                if state.step % args.console_out_iters == 0:
+                    progress.set_postfix(mel=f"{scalars['train/loss_mel']:.3f}",
+                                         gen=f"{scalars['train/loss_generator']:.2f}",
+                                         disc=f"{scalars['train/loss_discriminator']:.2f}")
+                    progress.write(
+                        f"step {state.step} epoch {epoch}: gen {scalars['train/loss_generator']:.3f} "
+                        f"disc {scalars['train/loss_discriminator']:.3f} mel {scalars['train/loss_mel']:.4f} "
+                        f"lr {scalars['train/learning_rate']:.2e} {steps_per_second:.2f} steps/s")
+                last_log_time, last_log_step, data_wait = now, state.step, 0.0
+
+            if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                stop_reason = (f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient; saved the "
+                               "last good state. Try a lower --learning_rate, fp32 (no --mixed_precision), "
+                               "or check the data")
+                break
+            if args.checkpoint_steps and state.step % args.checkpoint_steps == 0:
+                save_checkpoint(accelerator, run_dir, state, generator, args.keep_last_checkpoints)
+            maybe_validate()
+            if state.step >= max_steps:
+                break
+            fetch_start = time.perf_counter()
+        else:
+            # The epoch ran to its end: decay the learning rate once, as the official recipe does.
+            state.epoch += 1
+            scheduler_g.step()
+            scheduler_d.step()
+            if state.epoch % args.checkpoint_epochs == 0 and state.epoch < total_epochs:
+                save_checkpoint(accelerator, run_dir, state, generator, args.keep_last_checkpoints)
+
+    progress.close()
+    final = save_checkpoint(accelerator, run_dir, state, generator, args.keep_last_checkpoints)
+    if state.step % args.validation_steps != 0:
+        maybe_validate(force=True)
+    if accelerator.is_main_process:
+        save_generator(accelerator.unwrap_model(generator), run_dir)
+        accelerator.print(f"saved {final} and the inference generator {run_dir / 'generator.safetensors'}")
+    accelerator.end_training()
+    if stop_reason:
+        raise UserError(stop_reason)
+    return accelerator.unwrap_model(generator)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,192 @@
+"""Shared helpers: the one mel spectrogram of the repo, audio and manifest I/O, user-facing errors.
+
+DESIGN.md §1 fixes the mel convention; every mel in the repo (dataset inputs, the mel loss,
+Tacotron2 targets, teacher-forced mels, inference from wav, evaluation) comes from
+`mel_spectrogram` below.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """A problem with the user's input (a file, a flag). Entry points print its one-line message and exit 1."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Mel spectrogram
+# ---------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=32)
+def _mel_basis(sampling_rate: int, n_fft: int, num_mels: int, fmin: float, fmax: float | None,
+               device: torch.device) -> torch.Tensor:
+    # librosa is imported lazily: its first filter-bank call compiles numba code (10-16 s), and
+    # lru_cache makes sure that happens once per process and parameter set, not once per step.
+    import librosa
+    basis = librosa.filters.mel(sr=sampling_rate, n_fft=n_fft, n_mels=num_mels, fmin=fmin, fmax=fmax)
+    return torch.from_numpy(basis).float().to(device)
+
+
+@functools.lru_cache(maxsize=32)
+def _hann_window(window_size: int, device: torch.device) -> torch.Tensor:
+    return torch.hann_window(window_size, device=device)
+
+
+def mel_spectrogram(audio: torch.Tensor, *, sampling_rate: int, n_fft: int, num_mels: int, hop_size: int,
+                    window_size: int, fmin: float, fmax: float | None, mel_scale: str = "log",
+                    min_db: float = -100.0, max_scaled_abs: float = 4.0) -> torch.Tensor:
+    """Mel spectrogram of `audio` ([T] or [B, T], float in [-1, 1]) -> [num_mels, T // hop_size] (or batched).
+
+    mel_scale="log": natural log of the magnitude mel, clamped at 1e-5 (official HiFi-GAN / NVIDIA
+    Tacotron2 convention, so public weights work). mel_scale="db": 20*log10, mapped linearly from
+    [min_db, 0] dB to [-max_scaled_abs, max_scaled_abs] and clipped (the seed tutorial's Tacotron2 mel).
+    """
+    if mel_scale not in ("log", "db"):
+        raise ValueError(f"mel_scale must be 'log' or 'db', got {mel_scale!r}")
+    squeeze = audio.dim() == 1
+    if squeeze:
+        audio = audio.unsqueeze(0)
+    audio = audio.float()
+    # Pad by (n_fft - hop) / 2 on both sides with center=False: frame i then covers the samples
+    # around [i*hop, (i+1)*hop), and there are exactly len // hop frames -- the alignment that
+    # lets a vocoder map each frame to hop_size output samples.
+    pad = (n_fft - hop_size) // 2
+    # Reflect padding needs more samples than the pad; a clip that short gets zeros instead.
+    mode = "reflect" if audio.shape[-1] > pad else "constant"
+    audio = F.pad(audio.unsqueeze(1), (pad, pad), mode=mode).squeeze(1)
+    if audio.shape[-1] < n_fft:
+        audio = F.pad(audio, (0, n_fft - audio.shape[-1]))
+    spec = torch.stft(audio, n_fft, hop_length=hop_size, win_length=window_size,
+                      window=_hann_window(window_size, audio.device), center=False,
+                      normalized=False, onesided=True, return_complex=True)
+    # sqrt(re^2 + im^2 + 1e-9) rather than abs(): the epsilon keeps the gradient finite at zero.
+    magnitude = torch.sqrt(spec.real.pow(2) + spec.imag.pow(2) + 1e-9)
+    mel = torch.matmul(_mel_basis(sampling_rate, n_fft, num_mels, float(fmin),
+                                  None if fmax is None else float(fmax), audio.device), magnitude)
+    if mel_scale == "log":
+        mel = torch.log(torch.clamp(mel, min=1e-5))
+    else:
+        db = 20.0 * torch.log10(torch.clamp(mel, min=10.0 ** (min_db / 20.0)))
+        mel = torch.clamp((2.0 * (db - min_db) / -min_db - 1.0) * max_scaled_abs, -max_scaled_abs, max_scaled_abs)
+    return mel.squeeze(0) if squeeze else mel
+
+
+def log_mel_to_db_mel(mel: torch.Tensor, min_db: float = -100.0, max_scaled_abs: float = 4.0) -> torch.Tensor:
+    """Convert a natural-log mel to the normalised-dB scale (the two are affine images of each other)."""
+    db = 20.0 / math.log(10.0) * mel
+    return torch.clamp((2.0 * (db - min_db) / -min_db - 1.0) * max_scaled_abs, -max_scaled_abs, max_scaled_abs)
+
+
+def db_mel_to_log_mel(mel: torch.Tensor, min_db: float = -100.0, max_scaled_abs: float = 4.0) -> torch.Tensor:
+    """Inverse of `log_mel_to_db_mel` (exact inside the clip range)."""
+    db = (mel / max_scaled_abs + 1.0) / 2.0 * -min_db + min_db
+    return db * math.log(10.0) / 20.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Audio
+# ---------------------------------------------------------------------------------------------
+
+_warned_resample: set[tuple[int, int]] = set()
+
+
+def load_audio(path: str | os.PathLike, sampling_rate: int, peak: float | None = 0.95) -> np.ndarray:
+    """Read a clip as float32 mono in [-1, 1] at `sampling_rate`, peak-normalised to `peak` (None: as is).
+
+    soundfile scales integer PCM to [-1, 1]; several channels are averaged; another sample rate is
+    resampled (said once per rate pair). Raises UserError naming the file when it cannot be read.
+    """
+    try:
+        audio, file_rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as error:  # soundfile raises several types for missing/corrupt files
+        raise UserError(f"cannot read audio file {path}: {error}. Check the path, or convert it to wav/flac.") from None
+    audio = audio.mean(axis=1)
+    if file_rate != sampling_rate:
+        if (file_rate, sampling_rate) not in _warned_resample:
+            _warned_resample.add((file_rate, sampling_rate))
+            warnings.warn(f"{path} is at {file_rate} Hz; resampling to {sampling_rate} Hz "
+                          f"(said once for every {file_rate} Hz file)", stacklevel=2)
+        import librosa
+        audio = librosa.resample(audio, orig_sr=file_rate, target_sr=sampling_rate).astype(np.float32)
+    audio = np.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0)
+    if peak is not None:
+        # Normalise by the *absolute* maximum: a clip whose loudest sample is negative must not be
+        # scaled past full scale (the seed normalised by max(), which lets -1.3 through).
+        max_abs = float(np.abs(audio).max()) if audio.size else 0.0
+        if max_abs > 0:
+            audio = audio * (peak / max_abs)
+    return audio.astype(np.float32)
+
+
+def save_audio(path: str | os.PathLike, audio: np.ndarray | torch.Tensor, sampling_rate: int) -> None:
+    """Write float audio as 16-bit PCM wav (soundfile clips to [-1, 1], so a full-scale peak cannot wrap)."""
+    if isinstance(audio, torch.Tensor):
+        audio = audio.detach().float().cpu().numpy()
+    audio = np.clip(np.asarray(audio, dtype=np.float32).reshape(-1), -1.0, 1.0)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), audio, sampling_rate, subtype="PCM_16")
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifests (DESIGN.md §2)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ManifestRow:
+    audio_path: str
+    transcript: str | None
+    line: int  # 1-based line in the manifest, for error messages
+
+
+def read_manifest(path: str | os.PathLike, check_files: bool = True) -> list[ManifestRow]:
+    """Rows of a manifest: a CSV with a `file_path` header (prep_splits.py) or LJSpeech's metadata.csv.
+
+    Relative paths resolve against the manifest's folder. With check_files, a missing audio file is
+    reported at once, naming the row, the file and the manifest.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"manifest {path} does not exist; create it with prep_splits.py or pass the right path")
+    folder = path.parent
+    with open(path, newline="", encoding="utf-8") as handle:
+        first = handle.readline()
+        handle.seek(0)
+        rows = []
+        if "file_path" in [column.strip() for column in first.strip().split(",")]:
+            for line, record in enumerate(csv.DictReader(handle), start=2):
+                file_path = (record.get("file_path") or "").strip()
+                if not file_path:
+                    raise UserError(f"{path}, line {line}: empty file_path; fix or remove the row")
+                transcript = record.get("normalized_transcript") or record.get("transcript")
+                rows.append(ManifestRow(str(folder / file_path), transcript, line))
+        elif "|" in first:
+            # LJSpeech metadata.csv: id|transcript|normalized transcript, audio in wavs/<id>.wav.
+            for line, text in enumerate(handle, start=1):
+                if not text.strip():
+                    continue
+                fields = text.rstrip("\n").split("|")
+                transcript = fields[2] if len(fields) > 2 and fields[2] else (fields[1] if len(fields) > 1 else None)
+                rows.append(ManifestRow(str(folder / "wavs" / f"{fields[0]}.wav"), transcript, line))
+        else:
+            raise UserError(f"{path}: not a manifest (expected a CSV header with 'file_path', "
+                            "or LJSpeech's 'id|transcript|normalized transcript' lines)")
+    if not rows:
+        raise UserError(f"manifest {path} has no rows")
+    if check_files:
+        for row in rows:
+            if not os.path.isfile(row.audio_path):
+                raise UserError(f"{path}, line {row.line}: audio file {row.audio_path} does not exist; "
+                                "fix the path or remove the row")
+    return rows
