@@ -8,6 +8,7 @@ audio: mel frame i belongs to samples [i*hop, (i+1)*hop) (DESIGN.md §4).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from model import HifiGanConfig
-from utils import UserError, load_audio, mel_spectrogram, read_manifest
+from utils import UserError, check_audio_files, load_audio, mel_spectrogram, read_manifest
 
 
 class MelDataset(Dataset):
@@ -28,10 +29,23 @@ class MelDataset(Dataset):
     """
 
     def __init__(self, manifest: str | os.PathLike, config: HifiGanConfig, segment_size: int = 8192,
-                 train: bool = True, saved_mels_dir: str | os.PathLike | None = None, seed: int = 0):
+                 train: bool = True, saved_mels_dir: str | os.PathLike | None = None, seed: int = 0,
+                 skip_bad_files: bool = False):
         if segment_size % config.hop_size != 0:
             raise UserError(f"--segment_size {segment_size} must be a multiple of --hop_size {config.hop_size}")
-        self.rows = read_manifest(manifest)
+        self.rows = read_manifest(manifest, check_files=False)
+        problems = check_audio_files(self.rows, min_seconds=config.hop_size / config.sampling_rate)
+        report = "\n  ".join(f"line {row.line}: {row.audio_path}: {reason}" for row, reason in problems)
+        if problems and not skip_bad_files:
+            raise UserError(f"{len(problems)} bad rows in {manifest} (fix them, or pass --skip_bad_files to drop "
+                            f"them):\n  {report}")
+        if problems:
+            bad = {id(row) for row, _ in problems}
+            self.rows = [row for row in self.rows if id(row) not in bad]
+            warnings.warn(f"--skip_bad_files: dropped {len(problems)} bad rows of {manifest}, kept {len(self.rows)}:"
+                          f"\n  {report}", stacklevel=2)
+            if not self.rows:
+                raise UserError(f"no usable rows left in {manifest}")
         self.manifest = manifest
         self.config = config
         self.segment_size = segment_size
@@ -92,7 +106,8 @@ class MelDataset(Dataset):
             frames = min(saved_mel.shape[1], len(audio) // hop)
             saved_mel, audio = saved_mel[:, :frames], audio[:frames * hop]
         else:
-            audio = audio[:len(audio) // hop * hop]
+            # Whole hops only; a clip shorter than one hop keeps one (zero-padded) frame.
+            audio = torch.nn.functional.pad(audio, (0, max(hop - len(audio), 0)))[:max(len(audio) // hop, 1) * hop]
 
         if not self.train:
             mel = saved_mel if saved_mel is not None else self._mel(audio)

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -89,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--batch_size", type=int, default=16, help="per process")
     add("--num_workers", type=int, default=4)
     add("--seed", type=int, default=1234)
+    add("--skip_bad_files", action="store_true", help="drop manifest rows that fail the start-up checks")
     # Optimisation
     add("--learning_rate", type=float, default=2e-4)
     add("--beta1", type=float, default=0.8)
@@ -163,18 +165,11 @@ def build_config(args: argparse.Namespace) -> HifiGanConfig:
 # Checkpoints (DESIGN.md §3)
 # ---------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass
 class TrainState:
-    """Step and epoch, saved by accelerate's save_state beside models, optimisers and RNG."""
-
-    def __init__(self):
-        self.step = 0
-        self.epoch = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+    """Where the run is. Saved as JSON beside accelerate's state: resuming never unpickles it."""
+    step: int = 0
+    epoch: int = 0
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -194,6 +189,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, 
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
+        (tmp / "train_state.json").write_text(json.dumps(dataclasses.asdict(state)))
         save_generator(accelerator.unwrap_model(generator), tmp)  # for inference.py and --finetune
         (tmp / COMPLETE_MARKER).write_text(f"step {state.step}\n")
         if final.exists():
@@ -203,6 +199,30 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, 
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+class StopSignal:
+    """SIGTERM (preemption) or SIGINT (Ctrl-C) asks the loop to finish its step, save and exit.
+
+    A second signal of the same kind acts as usual (kills / raises KeyboardInterrupt), so a stuck
+    run can still be stopped by force.
+    """
+
+    def __init__(self):
+        self.received: str | None = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """True on every process once any process got a signal (they must all save the same step)."""
+        flag = torch.tensor([1.0 if self.received else 0.0], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
 
 
 def find_resume_checkpoint(value: str, run_dir: Path) -> Path | None:
@@ -223,9 +243,14 @@ def load_pretrained(path: str, generator: Generator, mpd: torch.nn.Module, msd: 
     path = Path(path)
     if path.is_dir() and (path / "model.safetensors").exists():  # a checkpoint_<step> folder of this repo
         from safetensors.torch import load_file
+        # accelerate numbers the models in the order train.py prepares them: generator, mpd, msd.
         for module, name in ((generator, "model"), (mpd, "model_1"), (msd, "model_2")):
-            module.load_state_dict(load_file(str(path / f"{name}.safetensors")))
-        return "generator and discriminators from checkpoint"
+            try:
+                module.load_state_dict(load_file(str(path / f"{name}.safetensors")))
+            except RuntimeError as error:
+                raise UserError(f"{path / name}.safetensors does not fit this model ("
+                                f"{str(error).splitlines()[1].strip()}); use the same model flags as its run") from None
+        return f"generator and discriminators from {path}"
     generator.load_state_dict(load_generator(path, config=generator.config).state_dict())
     discriminator_file = path.parent / path.name.replace("g_", "do_", 1) if path.name.startswith("g_") else None
     if discriminator_file is not None and discriminator_file.exists():
@@ -340,9 +365,9 @@ def main(argv: list[str] | None = None) -> Generator:
     # Data
     saved_mels = args.path_to_saved_mels if args.finetune else None
     train_set = MelDataset(args.path_to_train_manifest, config, args.segment_size, train=True,
-                           saved_mels_dir=saved_mels, seed=args.seed)
+                           saved_mels_dir=saved_mels, seed=args.seed, skip_bad_files=args.skip_bad_files)
     val_set = MelDataset(args.path_to_val_manifest, config, args.segment_size, train=False,
-                         saved_mels_dir=saved_mels, seed=args.seed)
+                         saved_mels_dir=saved_mels, seed=args.seed, skip_bad_files=args.skip_bad_files)
     if len(train_set) < args.batch_size * accelerator.num_processes:
         raise UserError(f"{args.path_to_train_manifest} has {len(train_set)} clips, fewer than one batch of "
                         f"{args.batch_size} x {accelerator.num_processes} processes; lower --batch_size")
@@ -369,7 +394,6 @@ def main(argv: list[str] | None = None) -> Generator:
     generator, mpd, msd, optim_g, optim_d, scheduler_g, scheduler_d, train_loader = accelerator.prepare(
         generator, mpd, msd, optim_g, optim_d, scheduler_g, scheduler_d, train_loader)
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
 
     if args.resume_from_checkpoint:
         checkpoint = find_resume_checkpoint(args.resume_from_checkpoint, run_dir)
@@ -377,6 +401,7 @@ def main(argv: list[str] | None = None) -> Generator:
             accelerator.print(f"no checkpoint in {run_dir} yet; starting from scratch")
         else:
             accelerator.load_state(str(checkpoint))
+            state = TrainState(**json.loads((checkpoint / "train_state.json").read_text()))
             accelerator.print(f"resumed from {checkpoint} at step {state.step}, epoch {state.epoch}")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -408,8 +433,8 @@ def main(argv: list[str] | None = None) -> Generator:
             log_media(accelerator, report_to, state.step, samples, config.sampling_rate)
         accelerator.wait_for_everyone()
 
-    stop_reason = None
-    while state.step < max_steps and stop_reason is None:
+    stop_reason, stop_signal, interrupted = None, StopSignal(), False
+    while state.step < max_steps and stop_reason is None and not interrupted:
         epoch = state.epoch
         train_set.set_epoch(epoch)
         train_loader.set_epoch(epoch)
@@ -494,6 +519,9 @@ def main(argv: list[str] | None = None) -> Generator:
                 break
             if args.checkpoint_steps and state.step % args.checkpoint_steps == 0:
                 save_checkpoint(accelerator, run_dir, state, generator, args.keep_last_checkpoints)
+            if stop_signal.agreed(accelerator):
+                interrupted = True
+                break
             maybe_validate()
             if state.step >= max_steps:
                 break
@@ -508,6 +536,11 @@ def main(argv: list[str] | None = None) -> Generator:
 
     progress.close()
     final = save_checkpoint(accelerator, run_dir, state, generator, args.keep_last_checkpoints)
+    if interrupted:
+        accelerator.print(f"stopped by {stop_signal.received or 'a signal on another process'} after step "
+                          f"{state.step}; saved {final}. Continue with --resume_from_checkpoint latest")
+        accelerator.end_training()
+        return accelerator.unwrap_model(generator)
     if state.step % args.validation_steps != 0:
         maybe_validate(force=True)
     if accelerator.is_main_process:

@@ -190,3 +190,29 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> list[Man
                 raise UserError(f"{path}, line {row.line}: audio file {row.audio_path} does not exist; "
                                 "fix the path or remove the row")
     return rows
+
+
+def check_audio_files(rows: list[ManifestRow], min_seconds: float = 0.0) -> list[tuple[ManifestRow, str]]:
+    """Cheap start-up checks of every row (exists, header readable, not empty, long enough), without decoding.
+
+    Returns (row, reason) for each bad row, so a run can refuse to start (or drop them) instead of
+    failing hours later on the file.
+    """
+    problems = []
+    for row in rows:
+        reason = None
+        if not os.path.isfile(row.audio_path):
+            reason = "file does not exist"
+        else:
+            try:
+                info = sf.info(row.audio_path)
+            except Exception as error:  # soundfile raises several types for corrupt headers
+                reason = f"unreadable ({str(error).splitlines()[0][:80]})"
+            else:
+                if info.frames == 0 or info.channels == 0:
+                    reason = "no audio samples"
+                elif info.frames / info.samplerate < min_seconds:
+                    reason = f"{info.frames / info.samplerate:.4f} s long, shorter than {min_seconds:.4f} s"
+        if reason:
+            problems.append((row, reason))
+    return problems

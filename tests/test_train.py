@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, TINY_FLAGS
@@ -116,3 +117,62 @@ def test_dilation_flag_parses_without_eval(text):
     assert train.nested_int_tuple(text)[1][1] in (3, 6)
     with pytest.raises(Exception, match="nested integer"):
         train.nested_int_tuple("__import__('os').system('true')")
+
+
+def write_teacher_forced_mels(folder: Path, manifest: Path) -> None:
+    """Stand-in for save_taco_mels.py: the ground-truth mel plus a small offset, frame-aligned per DESIGN §4."""
+    sys.path.insert(0, str(REPO))
+    from model import HifiGanConfig
+    from utils import load_audio, mel_spectrogram, read_manifest
+    folder.mkdir(parents=True, exist_ok=True)
+    for row in read_manifest(manifest):
+        mel = mel_spectrogram(torch.from_numpy(load_audio(row.audio_path, 22050)), **HifiGanConfig().mel_kwargs())
+        np.save(folder / (Path(row.audio_path).stem + ".npy"), (mel + 0.1).numpy())
+
+
+def test_finetune_starts_from_pretrained_weights_and_trains(tmp_path, tiny_corpus):
+    run_train(tmp_path, tiny_corpus, "--max_steps", "2", name="pretrain")
+    mels = tmp_path / "mels"
+    write_teacher_forced_mels(mels, tiny_corpus[0])
+    write_teacher_forced_mels(mels, tiny_corpus[1])
+    pretrained = tmp_path / "pretrain" / "checkpoint_2"
+    finetune = ["--finetune", "--path_to_saved_mels", str(mels), "--path_to_pretrained_weights", str(pretrained)]
+    result = run_train(tmp_path, tiny_corpus, *finetune, "--max_steps", "0", name="ft0")
+    assert "generator and discriminators from" in result.stdout
+    for name in ("model", "model_1", "model_2"):  # before the first step: exactly the pretrained weights
+        before, loaded = load_file(pretrained / f"{name}.safetensors"), load_file(tmp_path / "ft0" / "checkpoint_0" /
+                                                                                   f"{name}.safetensors")
+        assert all(torch.equal(before[k], loaded[k]) for k in before)
+    run_train(tmp_path, tiny_corpus, *finetune, "--max_steps", "2", name="ft")
+    trained = load_file(tmp_path / "ft" / "checkpoint_2" / "model.safetensors")
+    start = load_file(pretrained / "model.safetensors")
+    assert any(not torch.equal(start[k], trained[k]) for k in start)
+
+
+def test_finetune_from_official_generator_and_discriminator_files(tmp_path, tiny_corpus):
+    sys.path.insert(0, str(REPO))
+    import train
+    from model import Generator, MultiPeriodDiscriminator, MultiScaleDiscriminator, to_official_names
+    args = train.parse_args(["--experiment_name", "x", "--working_directory", "w", "--path_to_train_manifest", "a",
+                             "--path_to_val_manifest", "b", *TINY_FLAGS])
+    config = train.build_config(args)
+    source = (Generator(config), MultiPeriodDiscriminator((2, 3), 8), MultiScaleDiscriminator(8))
+    torch.save({"generator": to_official_names(source[0].state_dict())}, tmp_path / "g_00001000")
+    torch.save({"mpd": to_official_names(source[1].state_dict()), "msd": to_official_names(source[2].state_dict())},
+               tmp_path / "do_00001000")
+    target = (Generator(config), MultiPeriodDiscriminator((2, 3), 8), MultiScaleDiscriminator(8))
+    message = train.load_pretrained(str(tmp_path / "g_00001000"), *target)
+    assert "do_00001000" in message
+    for a, b in zip(source, target):
+        for key, value in a.state_dict().items():
+            assert torch.allclose(value, b.state_dict()[key]), key
+
+
+def test_finetune_refuses_missing_mels_at_startup(tmp_path, tiny_corpus):
+    (tmp_path / "empty").mkdir()
+    command = [sys.executable, str(REPO / "train.py"), "--experiment_name", "x", "--working_directory", str(tmp_path),
+               "--path_to_train_manifest", str(tiny_corpus[0]), "--path_to_val_manifest", str(tiny_corpus[1]),
+               "--finetune", "--path_to_saved_mels", str(tmp_path / "empty"), "--path_to_pretrained_weights",
+               str(tmp_path), *TINY_FLAGS]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 1 and "8 of 8 clips" in result.stderr and "save_taco_mels" in result.stderr

@@ -1,0 +1,230 @@
+"""Fault injection: bad data, non-finite losses, SIGTERM, kill -9 mid-checkpoint, malicious pickles, determinism."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from conftest import REPO, TINY_FLAGS, synth_clip, write_corpus
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(REPO))
+from model import load_generator
+from utils import UserError
+
+
+def train_command(tmp_path: Path, corpus, *flags: str, name: str = "run", script: Path | None = None) -> list[str]:
+    return [sys.executable, str(script or REPO / "train.py"), "--experiment_name", name,
+            "--working_directory", str(tmp_path), "--path_to_train_manifest", str(corpus[0]),
+            "--path_to_val_manifest", str(corpus[1]), "--batch_size", "2", "--num_workers", "0",
+            "--console_out_iters", "1", "--validation_steps", "1000", *TINY_FLAGS, *flags]
+
+
+def run(command: list[str], expect: int = 0, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", **kwargs.pop("env", {})}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, **kwargs)
+    assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def losses(output: str) -> dict[int, str]:
+    """step -> the console's loss line (gen, disc, mel), for comparing runs."""
+    pattern = r"step (\d+) epoch \d+: (gen \S+ disc \S+ mel \S+)"
+    return {int(m.group(1)): m.group(2) for m in re.finditer(pattern, output)}
+
+
+def wrapper(tmp_path: Path, body: str) -> Path:
+    """A script that patches train.py's module before running it: faults injected from outside the code under test."""
+    path = tmp_path / "wrapped_train.py"
+    path.write_text(f"import os, signal, sys, torch\nsys.path.insert(0, {str(REPO)!r})\nimport train\n{body}\n"
+                    "try:\n    train.main(sys.argv[1:])\nexcept train.UserError as error:\n"
+                    "    print(f'error: {error}', file=sys.stderr)\n    sys.exit(1)\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+@pytest.fixture(scope="module")
+def bad_corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    train = write_corpus(folder, 6)
+    test = write_corpus(folder, 1, name="test")
+    wavs = folder / "wavs"
+    (wavs / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk")
+    (wavs / "empty.wav").write_bytes(b"")
+    sf.write(wavs / "zero_samples.wav", np.zeros(0, np.float32), 22050)
+    sf.write(wavs / "too_short.wav", synth_clip(0.005), 22050)  # 110 samples < one hop
+    nan_clip = synth_clip(0.5)
+    nan_clip[::7] = np.nan
+    sf.write(wavs / "nan.wav", nan_clip, 22050, subtype="FLOAT")
+    sf.write(wavs / "silent.wav", np.zeros(11025, np.float32), 22050)
+    rows = ["corrupt", "empty", "zero_samples", "too_short", "nan", "silent", "missing"]
+    with open(train, "a") as handle:
+        handle.writelines(f"wavs/{name}.wav,bad clip\n" for name in rows)
+    return train, test
+
+
+def test_bad_rows_reported_together_at_startup(tmp_path, bad_corpus):
+    result = run(train_command(tmp_path, bad_corpus, "--max_steps", "1"), expect=1)
+    first_line = result.stderr.strip().splitlines()[0]
+    assert first_line.startswith("error: 5 bad rows in") and "--skip_bad_files" in first_line
+    for name in ("corrupt.wav: unreadable", "empty.wav: unreadable", "zero_samples.wav: no audio samples",
+                 "too_short.wav: 0.0050 s long", "missing.wav: file does not exist"):
+        assert name in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_skip_bad_files_trains_and_nan_or_silent_audio_gives_finite_losses(tmp_path, bad_corpus):
+    # batch of 2 over 8 kept clips (6 good + nan + silent) for 8 steps: every clip is seen
+    result = run(train_command(tmp_path, bad_corpus, "--max_steps", "8", "--skip_bad_files"))
+    assert "dropped 5 bad rows" in result.stderr and "kept 8" in result.stderr
+    lines = losses(result.stdout + result.stderr)
+    assert len(lines) == 8 and all("nan" not in line and "inf" not in line for line in lines.values())
+    assert "non-finite" not in result.stdout + result.stderr
+
+
+def test_dataset_items_of_nan_silent_and_short_audio_are_finite(bad_corpus):
+    from dataset import MelDataset
+    from model import HifiGanConfig
+    dataset = MelDataset(bad_corpus[0], HifiGanConfig(), 2048, skip_bad_files=True)
+    for train in (True, False):
+        dataset.train = train
+        for index in range(len(dataset)):
+            for tensor in dataset[index]:
+                assert torch.isfinite(tensor).all()
+    short = bad_corpus[0].parent / "short.csv"
+    sf.write(bad_corpus[0].parent / "wavs" / "short300.wav", synth_clip(0.0136), 22050)  # 300 samples: 1 hop
+    short.write_text("file_path\nwavs/short300.wav\n")
+    dataset = MelDataset(short, HifiGanConfig(), 2048, train=False)
+    mel, audio, loss_mel = dataset[0]
+    assert mel.shape == (80, 1) and len(audio) == 256 and torch.isfinite(loss_mel).all()
+
+
+def test_long_validation_clip_is_not_a_problem_for_the_loader(tmp_path):
+    # a 10-minute clip: validation reads it whole (bounded by the clip, one at a time, batch 1)
+    folder = tmp_path / "long"
+    (folder / "wavs").mkdir(parents=True)
+    sf.write(folder / "wavs" / "long.wav", np.tile(synth_clip(1.0), 600), 22050, subtype="PCM_16")
+    (folder / "m.csv").write_text("file_path\nwavs/long.wav\n")
+    from dataset import MelDataset
+    from model import HifiGanConfig
+    mel, _, _ = MelDataset(folder / "m.csv", HifiGanConfig(), 2048, train=False)[0]
+    assert mel.shape == (80, 600 * 22050 // 256)
+
+
+# ------------------------------------------------------------------------------------ training faults
+
+def test_nonfinite_loss_skips_the_step_and_too_many_stop_the_run(tmp_path, tiny_corpus):
+    # Steps 2 and 3 get a NaN mel loss: skipped (weights untouched), counted; the run goes on.
+    script = wrapper(tmp_path, "calls = [0]\noriginal = train.mel_loss\n"
+                     "def poisoned(a, b):\n    calls[0] += 1\n"
+                     "    return original(a, b) * (float('nan') if calls[0] in (2, 3) else 1.0)\n"
+                     "train.mel_loss = poisoned\n")
+    result = run(train_command(tmp_path, tiny_corpus, "--max_steps", "4", "--checkpoint_steps", "1",
+                               "--keep_last_checkpoints", "10", script=script))
+    output = result.stdout + result.stderr
+    assert "step 2: non-finite loss or gradient, optimiser step skipped (1 in a row)" in output
+    assert "step 3: non-finite loss or gradient, optimiser step skipped (2 in a row)" in output
+    after_1 = load_file(tmp_path / "run" / "checkpoint_1" / "model.safetensors")
+    after_3 = load_file(tmp_path / "run" / "checkpoint_3" / "model.safetensors")
+    after_4 = load_file(tmp_path / "run" / "checkpoint_4" / "model.safetensors")
+    assert all(torch.equal(after_1[k], after_3[k]) for k in after_1)  # steps 2-3 touched nothing
+    assert any(not torch.equal(after_3[k], after_4[k]) for k in after_3)  # step 4 trained again
+    assert all(torch.isfinite(v).all() for v in after_4.values())
+
+    # Always NaN: stop after --max_nonfinite_steps in a row, with the state saved and advice given.
+    script = wrapper(tmp_path, "train.mel_loss = lambda a, b: (a - b).abs().mean() * float('nan')\n")
+    result = run(train_command(tmp_path, tiny_corpus, "--max_steps", "50", "--max_nonfinite_steps", "3",
+                               name="nan", script=script), expect=1)
+    assert "3 steps in a row had a non-finite loss" in result.stderr and "--learning_rate" in result.stderr
+    assert (tmp_path / "nan" / "checkpoint_3" / "checkpoint_complete").exists()
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_sigterm_under_two_process_accelerate_launch_saves_and_resumes(tmp_path, tiny_corpus):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+              "--num_cpu_threads_per_process", "1"]
+    command = launch + train_command(tmp_path, tiny_corpus, "--max_steps", "100000")[1:]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "log.txt", "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    wait_for(lambda: "step 3 epoch" in (tmp_path / "log.txt").read_text())
+    process.send_signal(signal.SIGTERM)  # to the launcher, as `kill PID` or a scheduler would
+    process.wait(timeout=120)  # torchrun's agent forwards it to both ranks, then exits 1 on its own account
+    output = (tmp_path / "log.txt").read_text()
+    assert output.count("stopped by SIGTERM") == 1  # printed by the main process once both ranks agreed
+    stopped = int(re.search(r"stopped by SIGTERM after step (\d+)", output).group(1))
+    assert stopped >= 3 and (tmp_path / "run" / f"checkpoint_{stopped}" / "checkpoint_complete").exists()
+    resumed = run(launch + train_command(tmp_path, tiny_corpus, "--max_steps", str(stopped + 2),
+                                         "--resume_from_checkpoint", "latest")[1:], env={"ACCELERATE_USE_CPU": "1"})
+    output = resumed.stdout + resumed.stderr
+    assert f"at step {stopped}," in output and f"step {stopped + 1} epoch" in output
+    assert (tmp_path / "run" / f"checkpoint_{stopped + 2}" / "checkpoint_complete").exists()
+
+
+def test_kill_9_while_writing_a_checkpoint_keeps_the_last_complete_one(tmp_path, tiny_corpus):
+    # SIGKILL ourselves in the middle of the second checkpoint: after accelerate wrote its files into the
+    # temporary folder, before the generator export, marker and rename.
+    script = wrapper(tmp_path, "saves = [0]\noriginal = train.save_generator\n"
+                     "def dying(*args):\n    saves[0] += 1\n"
+                     "    if saves[0] == 2:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+                     "    return original(*args)\ntrain.save_generator = dying\n")
+    result = subprocess.run(train_command(tmp_path, tiny_corpus, "--max_steps", "10", "--checkpoint_steps", "2",
+                                          script=script), capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL
+    run_dir = tmp_path / "run"
+    assert (run_dir / "checkpoint_2" / "checkpoint_complete").exists()
+    assert (run_dir / ".tmp_checkpoint_4").exists() and not (run_dir / "checkpoint_4").exists()
+    resumed = run(train_command(tmp_path, tiny_corpus, "--max_steps", "5", "--resume_from_checkpoint", "latest"))
+    output = resumed.stdout + resumed.stderr
+    assert "ignoring incomplete checkpoint" in output and "at step 2," in output and "step 3 epoch" in output
+    # a partial folder named like a real one (no marker) is not 'latest' either
+    (run_dir / "checkpoint_99").mkdir()
+    resumed = run(train_command(tmp_path, tiny_corpus, "--max_steps", "6", "--resume_from_checkpoint", "latest"))
+    assert "at step 5," in resumed.stdout
+
+
+def test_same_seed_same_losses_and_again_across_a_resume(tmp_path, tiny_corpus):
+    def console(result: subprocess.CompletedProcess) -> str:
+        return result.stdout + result.stderr
+
+    first = losses(console(run(train_command(tmp_path, tiny_corpus, "--max_steps", "20", name="a"))))
+    second = losses(console(run(train_command(tmp_path, tiny_corpus, "--max_steps", "20", name="b"))))
+    assert len(first) == 20 and first == second
+    run(train_command(tmp_path, tiny_corpus, "--max_steps", "10", name="c"))
+    resumed = losses(console(run(train_command(tmp_path, tiny_corpus, "--max_steps", "20",
+                                               "--resume_from_checkpoint", "latest", name="c"))))
+    assert sorted(resumed) == list(range(11, 21))
+    assert all(resumed[step] == first[step] for step in resumed)
+
+
+# ------------------------------------------------------------------------------------ checkpoint safety
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['EXPLOIT_MARKER']}",))
+
+
+def test_malicious_pickle_is_refused_without_running_it(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("EXPLOIT_MARKER", str(marker))
+    torch.save({"generator": Exploit()}, tmp_path / "g_00000001")
+    with pytest.raises(UserError, match="refusing to load"):
+        load_generator(tmp_path / "g_00000001")
+    assert not marker.exists()
