@@ -337,6 +337,57 @@ def validate(generator: Generator, loader: DataLoader, config: HifiGanConfig, de
 # Training
 # ---------------------------------------------------------------------------------------------
 
+def train_step(accelerator: Accelerator, generator: torch.nn.Module, mpd: torch.nn.Module, msd: torch.nn.Module,
+               optim_g: torch.optim.Optimizer, optim_d: torch.optim.Optimizer, mel: torch.Tensor, audio: torch.Tensor,
+               loss_mel_target: torch.Tensor, mel_kwargs_loss: dict, lambda_mel: float = 45.0,
+               lambda_feature_matching: float = 2.0) -> dict[str, torch.Tensor | bool]:
+    """One HiFi-GAN step: discriminators, then generator (official order). Returns losses and grad norms.
+
+    An optimiser whose loss or gradient norm is not finite does not step (its weights stay untouched);
+    `<name>_stepped` says which stepped. Gradients are all-reduced first, so every process agrees.
+    """
+    audio = audio.unsqueeze(1)
+    audio_generated = generator(mel)
+    with torch.autocast(accelerator.device.type, enabled=False):  # the mel loss in full precision
+        mel_generated = mel_spectrogram(audio_generated.squeeze(1).float(), **mel_kwargs_loss)
+
+    # Discriminator step, on generated audio detached from the generator.
+    optim_d.zero_grad(set_to_none=True)
+    real, fake, _, _ = mpd(audio, audio_generated.detach())
+    loss_disc = discriminator_loss(real, fake)
+    real, fake, _, _ = msd(audio, audio_generated.detach())
+    loss_disc = loss_disc + discriminator_loss(real, fake)
+    accelerator.backward(loss_disc)
+    grad_norm_d = accelerator.clip_grad_norm_(itertools.chain(mpd.parameters(), msd.parameters()), math.inf)
+    discriminator_stepped = bool(torch.isfinite(loss_disc.detach()) & torch.isfinite(grad_norm_d))
+    if discriminator_stepped:
+        optim_d.step()
+
+    # Generator step: adversarial + feature matching + mel L1, through the just-updated discriminators.
+    # Their own gradients from this pass are thrown away (zeroed before the next discriminator step),
+    # so under DDP they need not be all-reduced: no_sync saves that communication.
+    optim_g.zero_grad(set_to_none=True)
+    with accelerator.no_sync(mpd), accelerator.no_sync(msd):
+        _, fake_period, fmap_real_period, fmap_fake_period = mpd(audio, audio_generated)
+        _, fake_scale, fmap_real_scale, fmap_fake_scale = msd(audio, audio_generated)
+        loss_mel = mel_loss(loss_mel_target, mel_generated)
+        loss_fm = feature_matching_loss(fmap_real_period, fmap_fake_period) + \
+            feature_matching_loss(fmap_real_scale, fmap_fake_scale)
+        loss_adv = generator_loss(fake_period) + generator_loss(fake_scale)
+        loss_gen = loss_adv + lambda_feature_matching * loss_fm + lambda_mel * loss_mel
+        accelerator.backward(loss_gen)
+    grad_norm_g = accelerator.clip_grad_norm_(generator.parameters(), math.inf)
+    generator_stepped = bool(torch.isfinite(loss_gen.detach()) & torch.isfinite(grad_norm_g))
+    if generator_stepped:
+        optim_g.step()
+    optim_g.zero_grad(set_to_none=True)
+    return {"loss_generator": loss_gen.detach(), "loss_discriminator": loss_disc.detach(),
+            "loss_mel": loss_mel.detach(), "loss_feature_matching": loss_fm.detach(),
+            "loss_adversarial": loss_adv.detach(), "grad_norm_generator": grad_norm_g,
+            "grad_norm_discriminator": grad_norm_d, "discriminator_stepped": discriminator_stepped,
+            "generator_stepped": generator_stepped}
+
+
 def main(argv: list[str] | None = None) -> Generator:
     """Train; returns this process's (unwrapped) generator."""
     args = parse_args(argv)
@@ -443,63 +494,27 @@ def main(argv: list[str] | None = None) -> Generator:
         fetch_start = time.perf_counter()
         for mel, audio, loss_mel in loader:
             data_wait += time.perf_counter() - fetch_start
-            audio = audio.unsqueeze(1)
-
-            audio_generated = generator(mel)
-            with torch.autocast(accelerator.device.type, enabled=False):  # the mel loss in full precision
-                mel_generated = mel_spectrogram(audio_generated.squeeze(1).float(), **mel_kwargs_loss)
-
-            # Discriminator step, on generated audio detached from the generator.
-            optim_d.zero_grad(set_to_none=True)
-            real, fake, _, _ = mpd(audio, audio_generated.detach())
-            loss_disc_period = discriminator_loss(real, fake)
-            real, fake, _, _ = msd(audio, audio_generated.detach())
-            loss_disc_scale = discriminator_loss(real, fake)
-            loss_disc = loss_disc_period + loss_disc_scale
-            accelerator.backward(loss_disc)
-            grad_norm_d = accelerator.clip_grad_norm_(itertools.chain(mpd.parameters(), msd.parameters()), math.inf)
-
-            # Generator step: adversarial + feature matching + mel L1.
-            optim_g.zero_grad(set_to_none=True)
-            _, fake_period, fmap_real_period, fmap_fake_period = mpd(audio, audio_generated)
-            _, fake_scale, fmap_real_scale, fmap_fake_scale = msd(audio, audio_generated)
-            loss_mel = mel_loss(loss_mel, mel_generated)
-            loss_fm = feature_matching_loss(fmap_real_period, fmap_fake_period) + \
-                feature_matching_loss(fmap_real_scale, fmap_fake_scale)
-            loss_adv = generator_loss(fake_period) + generator_loss(fake_scale)
-            loss_gen = loss_adv + args.lambda_feature_matching * loss_fm + args.lambda_mel * loss_mel
-            accelerator.backward(loss_gen)
-            grad_norm_g = accelerator.clip_grad_norm_(generator.parameters(), math.inf)
-
-            # A non-finite loss or gradient would poison the weights: skip both optimiser steps.
-            # Gradients are all-reduced, so every process takes the same decision.
-            finite = bool(torch.isfinite(torch.stack([loss_disc.detach().float(), loss_gen.detach().float(),
-                                                      grad_norm_d.float(), grad_norm_g.float()])).all())
-            if finite:
-                optim_d.step()
-                optim_g.step()
-                nonfinite_in_a_row = 0
-            else:
+            losses = train_step(accelerator, generator, mpd, msd, optim_g, optim_d, mel, audio, loss_mel,
+                                mel_kwargs_loss, args.lambda_mel, args.lambda_feature_matching)
+            skipped = [name for name in ("discriminator", "generator") if not losses[f"{name}_stepped"]]
+            if skipped:
                 nonfinite_in_a_row += 1
                 nonfinite_total += 1
-                accelerator.print(f"step {state.step + 1}: non-finite loss or gradient, optimiser step skipped "
-                                  f"({nonfinite_in_a_row} in a row)")
-            optim_d.zero_grad(set_to_none=True)
-            optim_g.zero_grad(set_to_none=True)
+                accelerator.print(f"step {state.step + 1}: non-finite loss or gradient, {' and '.join(skipped)} "
+                                  f"step skipped ({nonfinite_in_a_row} in a row)")
+            else:
+                nonfinite_in_a_row = 0
 
             state.step += 1
             progress.update(1)
             if state.step % args.wandb_log_iters == 0 or state.step % args.console_out_iters == 0:
                 now = time.perf_counter()
                 steps_per_second = (state.step - last_log_step) / max(now - last_log_time, 1e-9)
-                scalars = {"train/loss_generator": loss_gen.item(), "train/loss_discriminator": loss_disc.item(),
-                           "train/loss_mel": loss_mel.item(), "train/loss_feature_matching": loss_fm.item(),
-                           "train/loss_adversarial": loss_adv.item(), "train/grad_norm_generator": grad_norm_g.item(),
-                           "train/grad_norm_discriminator": grad_norm_d.item(),
-                           "train/learning_rate": scheduler_g.get_last_lr()[0],
-                           "train/steps_per_second": steps_per_second,
-                           "train/data_wait_seconds_per_step": data_wait / max(state.step - last_log_step, 1),
-                           "train/nonfinite_steps": nonfinite_total, "train/epoch": epoch}
+                scalars = {f"train/{k}": v.item() for k, v in losses.items() if isinstance(v, torch.Tensor)}
+                scalars.update({"train/learning_rate": scheduler_g.get_last_lr()[0],
+                                "train/steps_per_second": steps_per_second,
+                                "train/data_wait_seconds_per_step": data_wait / max(state.step - last_log_step, 1),
+                                "train/nonfinite_steps": nonfinite_total, "train/epoch": epoch})
                 if state.step % args.wandb_log_iters == 0:
                     accelerator.log(scalars, step=state.step)
                 if state.step % args.console_out_iters == 0:

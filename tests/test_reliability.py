@@ -132,8 +132,8 @@ def test_nonfinite_loss_skips_the_step_and_too_many_stop_the_run(tmp_path, tiny_
     result = run(train_command(tmp_path, tiny_corpus, "--max_steps", "4", "--checkpoint_steps", "1",
                                "--keep_last_checkpoints", "10", script=script))
     output = result.stdout + result.stderr
-    assert "step 2: non-finite loss or gradient, optimiser step skipped (1 in a row)" in output
-    assert "step 3: non-finite loss or gradient, optimiser step skipped (2 in a row)" in output
+    assert "step 2: non-finite loss or gradient, generator step skipped (1 in a row)" in output
+    assert "step 3: non-finite loss or gradient, generator step skipped (2 in a row)" in output
     after_1 = load_file(tmp_path / "run" / "checkpoint_1" / "model.safetensors")
     after_3 = load_file(tmp_path / "run" / "checkpoint_3" / "model.safetensors")
     after_4 = load_file(tmp_path / "run" / "checkpoint_4" / "model.safetensors")
