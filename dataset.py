@@ -7,6 +7,7 @@ audio: mel frame i belongs to samples [i*hop, (i+1)*hop) (DESIGN.md §4).
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import warnings
 from pathlib import Path
@@ -52,7 +53,9 @@ class MelDataset(Dataset):
         self.train = train
         self.saved_mels_dir = Path(saved_mels_dir) if saved_mels_dir is not None else None
         self.seed = seed
-        self.epoch = 0
+        # Shared memory, so that persistent DataLoader workers (which keep their own copy of the
+        # dataset) see the epoch the main process sets.
+        self._epoch = multiprocessing.Value("i", 0, lock=False)
         if self.saved_mels_dir is not None:
             self._check_saved_mels()
         # Build the mel filter banks now, in the main process: DataLoader workers forked later
@@ -63,7 +66,11 @@ class MelDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         # Crops are drawn from (seed, epoch, index) rather than a global RNG, so a run resumed
         # mid-epoch sees exactly the crops the interrupted run would have seen.
-        self.epoch = epoch
+        self._epoch.value = epoch
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -229,3 +229,15 @@ def test_malicious_pickle_is_refused_without_running_it(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="refusing to load"):
         load_generator(tmp_path / "g_00000001")
     assert not marker.exists()
+
+
+def test_persistent_workers_see_each_epoch_and_match_the_main_process(tmp_path, tiny_corpus):
+    # 4 steps per epoch: 10 steps span 3 epochs. Persistent workers keep their own dataset copy; the
+    # epoch reaches them through shared memory, so the crops (hence losses) equal the worker-less run's.
+    def console(result: subprocess.CompletedProcess) -> str:
+        return result.stdout + result.stderr
+
+    in_main = losses(console(run(train_command(tmp_path, tiny_corpus, "--max_steps", "10", name="main"))))
+    with_workers = losses(console(run(train_command(tmp_path, tiny_corpus, "--max_steps", "10", "--num_workers", "2",
+                                                    name="workers"))))
+    assert sorted(in_main) == list(range(1, 11)) and in_main == with_workers

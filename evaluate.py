@@ -1,0 +1,345 @@
+"""Score vocoders on a test manifest: MOS predictors, spectral distances, PESQ, STOI, pitch, speed.
+
+    python evaluate.py --manifest data/splits/test.csv --vocoder v1=work_dir/hifigan \
+        --vocoder official=generator_v1 --griffin_lim --output_dir eval_out
+
+Every system vocodes the same mel of each clip: the ground-truth mel of the wav (utils.mel_spectrogram),
+Tacotron2's teacher-forced mel with --taco_weights (aligned with the recording, so every metric
+applies), or its free-running mel with --free_running (not aligned: only the MOS predictors apply).
+Writes <output_dir>/results.md and results.csv (one row per system, plus "ground truth": the
+recordings themselves scored by the MOS predictors, the ceiling), results_per_clip.csv, and the
+synthesised wavs under <output_dir>/<system>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import metrics
+from inference import griffin_lim, load_tacotron, load_vocoder, text_to_mel, vocode
+from model import Generator, HifiGanConfig
+from utils import ManifestRow, UserError, load_audio, mel_spectrogram, read_manifest, save_audio
+
+GROUND_TRUTH = "ground truth"
+GRIFFIN_LIM = "griffin_lim"
+MOS_COLUMNS = ["DNSMOS P.808", "DNSMOS overall", "UTMOS"]
+REFERENCE_COLUMNS = ["log-mel L1", "MCD (dB)", "PESQ-WB", "STOI", "F0 RMSE (cents)", "V/UV error"]
+COLUMNS = ["system", *MOS_COLUMNS, *REFERENCE_COLUMNS, "RTF"]
+DECIMALS = {"log-mel L1": 3, "STOI": 3, "V/UV error": 3, "F0 RMSE (cents)": 1, "RTF": 1}
+UTMOS_MISSING = "weights not available (pass --utmos_checkpoint)"
+# What must agree between a Tacotron2 and a vocoder for one's mel to feed the other (the scale is converted).
+MEL_PARAMETERS = ("sampling_rate", "num_mels", "n_fft", "window_size", "hop_size", "fmin", "fmax")
+
+
+@dataclass
+class System:
+    """One row of the table: a HiFi-GAN generator, or Griffin-Lim (generator None) with the mel config it inverts."""
+    name: str
+    config: HifiGanConfig
+    generator: Generator | None = None
+    audio_seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags and systems
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--manifest", required=True, help="test manifest: CSV with file_path (prep_splits.py) or LJSpeech metadata.csv")
+    add("--vocoder", nargs="+", action="extend", default=[], metavar="NAME=CHECKPOINT",
+        help="generators to score; without NAME= the file or folder name names the system")
+    add("--taco_weights", help="Tacotron2 checkpoint: vocode its teacher-forced mels instead of ground-truth mels")
+    add("--free_running", action="store_true",
+        help="with --taco_weights: vocode Tacotron2's free-running mels (only MOS predictors apply)")
+    add("--max_decoder_steps", type=int, help="with --free_running: Tacotron2's decoding limit (default: its config's)")
+    add("--griffin_lim", action="store_true", help="add Griffin-Lim as a baseline system")
+    add("--griffin_lim_iters", type=int, default=60)
+    add("--max_clips", type=int, help="score only the first N clips of the manifest")
+    add("--utmos_checkpoint", help="UTMOS weights or SpeechMOS torch-hub folder (default: the torch-hub cache)")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add("--output_dir", required=True)
+    return parser.parse_args(argv)
+
+
+def parse_vocoder_spec(spec: str) -> tuple[str, str]:
+    """'NAME=CHECKPOINT' -> (NAME, CHECKPOINT); a bare path is named after its file or folder."""
+    name, separator, checkpoint = spec.partition("=")
+    if not separator:
+        checkpoint = spec
+        name = Path(spec.rstrip("/\\")).name
+    if not name or not checkpoint:
+        raise UserError(f"--vocoder {spec!r}: expected NAME=CHECKPOINT or a checkpoint path")
+    return name, checkpoint
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def build_systems(args: argparse.Namespace, device: torch.device) -> list[System]:
+    systems = []
+    for spec in args.vocoder:
+        name, checkpoint = parse_vocoder_spec(spec)
+        generator = load_vocoder(checkpoint, device=device)
+        systems.append(System(name, generator.config, generator))
+    if args.griffin_lim:
+        # Griffin-Lim inverts the mel the vocoders get (the first one's), or the default mel alone.
+        systems.append(System(GRIFFIN_LIM, systems[0].config if systems else HifiGanConfig()))
+    names = [system.name for system in systems]
+    if not systems:
+        raise UserError("nothing to evaluate: pass --vocoder NAME=CHECKPOINT and/or --griffin_lim")
+    for name in names:
+        if names.count(name) > 1 or name == GROUND_TRUTH or "/" in name or "\\" in name:
+            raise UserError(f"system name {name!r} is repeated, reserved or not a folder name; "
+                            "name each checkpoint with NAME=CHECKPOINT")
+    return systems
+
+
+# ---------------------------------------------------------------------------------------------
+# Mels
+# ---------------------------------------------------------------------------------------------
+
+def teacher_forced_mel(tacotron: torch.nn.Module, transcript: str, mel: torch.Tensor,
+                       config: HifiGanConfig) -> torch.Tensor:
+    """Tacotron2's post-net mel [num_mels, frames] when fed the ground-truth frames: aligned with the recording.
+
+    save_taco_mels.py's own teacher forcing, so the evaluated mels are the ones finetuning uses. `mel` is on
+    the vocoder's scale; a Tacotron2 trained on the other scale (its config.json's "audio", read by
+    inference.load_tacotron) gets its own, and the result comes back converted.
+    """
+    from save_taco_mels import DEFAULT_AUDIO, convert_scale, teacher_forced_mels
+    from tacotron2 import text_to_sequence
+    vocoder_audio = config.mel_kwargs()
+    taco_audio = {**DEFAULT_AUDIO, **(getattr(tacotron, "audio", None) or {})}
+    tokens = torch.tensor(text_to_sequence(transcript), dtype=torch.long)
+    taco_mel = teacher_forced_mels(tacotron, [tokens], [convert_scale(mel, vocoder_audio, taco_audio)])[0]
+    return convert_scale(taco_mel.float().cpu(), taco_audio, vocoder_audio)
+
+
+def load_tacotron_for(args: argparse.Namespace, systems: list[System], rows: list[ManifestRow],
+                      device: torch.device) -> torch.nn.Module | None:
+    """The --taco_weights Tacotron2 (None without), checked against every system's mel and every row's transcript."""
+    if args.taco_weights is None:
+        if args.free_running:
+            raise UserError("--free_running needs --taco_weights (the Tacotron2 whose mels are vocoded)")
+        return None
+    tacotron = load_tacotron(args.taco_weights, device).eval()
+    trained_with = {"num_mels": tacotron.config.n_mel_channels, **(getattr(tacotron, "audio", None) or {})}
+    for system in systems:
+        for key, value in trained_with.items():
+            if key in MEL_PARAMETERS and value != getattr(system.config, key):
+                raise UserError(f"Tacotron2 {args.taco_weights} was trained with {key}={value} but {system.name} "
+                                f"uses {getattr(system.config, key)}: their mels are not interchangeable")
+    for row in rows:
+        if not row.transcript:
+            raise UserError(f"{args.manifest}, line {row.line}: no transcript, which --taco_weights needs "
+                            "(a normalized_transcript column, or LJSpeech's metadata.csv)")
+    return tacotron
+
+
+class Clip:
+    """One clip's recording and mel, per sampling rate / mel convention among the systems, made once and shared."""
+
+    def __init__(self, row: ManifestRow, tacotron: torch.nn.Module | None, free_running: bool,
+                 max_decoder_steps: int | None = None):
+        self.row, self.tacotron, self.free_running = row, tacotron, free_running
+        self.max_decoder_steps = max_decoder_steps
+        self.references: dict[int, np.ndarray] = {}
+        self.mels: dict[tuple, torch.Tensor] = {}
+
+    def reference(self, sampling_rate: int) -> np.ndarray:
+        if sampling_rate not in self.references:
+            audio = load_audio(self.row.audio_path, sampling_rate)
+            if len(audio) < sampling_rate // 100:
+                raise UserError(f"line {self.row.line}: {self.row.audio_path} is {len(audio)} samples long, too "
+                                "short to score; remove it from the manifest")
+            self.references[sampling_rate] = audio
+        return self.references[sampling_rate]
+
+    def mel(self, config: HifiGanConfig) -> torch.Tensor:
+        key = tuple(sorted(config.mel_kwargs().items()))
+        if key not in self.mels:
+            # Tacotron2's prenet dropout stays on at inference; seed so that a rerun scores the same mels.
+            torch.manual_seed(self.row.line)
+            if self.free_running:
+                mel, _ = text_to_mel(self.tacotron, self.row.transcript, config, self.max_decoder_steps)
+            else:
+                mel = mel_spectrogram(torch.from_numpy(self.reference(config.sampling_rate)), **config.mel_kwargs())
+                if self.tacotron is not None:
+                    mel = teacher_forced_mel(self.tacotron, self.row.transcript, mel, config)
+            self.mels[key] = mel.float().cpu()
+        return self.mels[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthesis and scoring
+# ---------------------------------------------------------------------------------------------
+
+def synthesise(system: System, mel: torch.Tensor, griffin_lim_iters: int) -> np.ndarray:
+    with torch.inference_mode():
+        if system.generator is None:
+            audio = griffin_lim(mel, system.config, n_iters=griffin_lim_iters)
+        else:
+            audio = vocode(system.generator, mel.to(next(system.generator.parameters()).device))
+        # .cpu() waits for the device, so the timing around this call is the real compute time.
+        return audio.detach().float().cpu().numpy().reshape(-1)
+
+
+def timed_synthesis(system: System, mel: torch.Tensor, griffin_lim_iters: int) -> np.ndarray:
+    start = time.perf_counter()
+    audio = synthesise(system, mel, griffin_lim_iters)
+    system.compute_seconds += time.perf_counter() - start
+    system.audio_seconds += len(audio) / system.config.sampling_rate
+    return audio
+
+
+def warm_up(systems: list[System], griffin_lim_iters: int) -> None:
+    """One short synthesis per system first, so one-off costs (allocator, filter banks, kernels) stay out of RTF."""
+    for system in systems:
+        synthesise(system, torch.full((system.config.num_mels, 16), -5.0), min(griffin_lim_iters, 2))
+
+
+def mos_scores(audio: np.ndarray, sampling_rate: int, utmos_checkpoint: str | None,
+               use_utmos: bool) -> dict[str, float | None]:
+    dnsmos = metrics.dnsmos(audio, sampling_rate) or {}  # {} when speechmos is not installed
+    return {"DNSMOS P.808": dnsmos.get("p808"), "DNSMOS overall": dnsmos.get("ovrl"),
+            "UTMOS": metrics.utmos(audio, sampling_rate, utmos_checkpoint) if use_utmos else None}
+
+
+def reference_scores(reference: np.ndarray, audio: np.ndarray, config: HifiGanConfig) -> dict[str, float | None]:
+    sampling_rate = config.sampling_rate
+    f0_rmse, vuv_error = metrics.f0_rmse_and_vuv(reference, audio, sampling_rate)
+    return {"log-mel L1": metrics.log_mel_l1(reference, audio, config),
+            "MCD (dB)": metrics.mel_cepstral_distortion(reference, audio, sampling_rate),
+            "PESQ-WB": metrics.pesq_wb(reference, audio, sampling_rate),
+            "STOI": metrics.stoi(reference, audio, sampling_rate),
+            "F0 RMSE (cents)": f0_rmse, "V/UV error": vuv_error}
+
+
+def average(per_clip: list[dict[str, float | None]]) -> dict[str, float | None]:
+    """Mean of each metric over the clips where it is defined (None where it never is)."""
+    means = {}
+    for column in [*MOS_COLUMNS, *REFERENCE_COLUMNS]:
+        values = [scores[column] for scores in per_clip if scores.get(column) is not None]
+        means[column] = float(np.mean(values)) if values else None
+    return means
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+def format_cell(column: str, value: str | float | None, use_utmos: bool) -> str:
+    if column == "system":
+        return str(value)
+    if column == "UTMOS" and not use_utmos:
+        return UTMOS_MISSING
+    if value is None:
+        return "n/a"
+    return f"{value:.{DECIMALS.get(column, 2)}f}"
+
+
+def write_tables(results: list[dict], output_dir: Path, use_utmos: bool, mel_source: str, num_clips: int) -> str:
+    """Write results.md and results.csv; return the markdown."""
+    with open(output_dir / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        # Missing values are empty cells: what spreadsheets and pandas read as missing.
+        writer.writerows({column: "" if row.get(column) is None else row[column] for column in COLUMNS}
+                         for row in results)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "| --- |" + " ---: |" * (len(COLUMNS) - 1)]
+    lines += ["| " + " | ".join(format_cell(column, row.get(column), use_utmos) for column in COLUMNS) + " |"
+              for row in results]
+    lines += ["", f"{num_clips} clips, {mel_source}. Higher is better for the MOS columns, PESQ-WB (1.04-4.64), "
+              "STOI (0-1) and RTF (seconds of audio per second of compute); lower is better for log-mel L1, "
+              "MCD, F0 RMSE (over frames voiced in both) and V/UV error. n/a: not defined for that row "
+              "(reference metrics of the recordings themselves, or of unaligned free-running mels)."]
+    markdown = "\n".join(lines) + "\n"
+    (output_dir / "results.md").write_text(markdown)
+    return markdown
+
+
+def write_per_clip(per_clip: dict[str, list[dict]], output_dir: Path) -> None:
+    with open(output_dir / "results_per_clip.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["clip", *COLUMNS[:-1]])
+        writer.writeheader()
+        for name, clips in per_clip.items():
+            for scores in clips:
+                writer.writerow({"clip": scores["clip"], "system": name,
+                                 **{c: "" if scores.get(c) is None else scores[c] for c in COLUMNS[1:-1]}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the evaluation; returns the table rows (dicts keyed by COLUMNS)."""
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    if args.max_clips is not None and args.max_clips < 1:
+        raise UserError(f"--max_clips must be at least 1, got {args.max_clips}")
+    rows = read_manifest(args.manifest)[:args.max_clips]
+    seen: dict[str, int] = {}
+    for row in rows:  # each clip's wav is written as <system>/<stem>.wav
+        stem = Path(row.audio_path).stem
+        if stem in seen:
+            raise UserError(f"{args.manifest}, lines {seen[stem]} and {row.line}: two clips named {stem}; rename one")
+        seen[stem] = row.line
+    systems = build_systems(args, device)
+    tacotron = load_tacotron_for(args, systems, rows, device)
+    use_utmos = metrics.find_utmos(args.utmos_checkpoint) is not None
+    aligned = not args.free_running
+    mel_source = ("Tacotron2 free-running mels" if args.free_running else
+                  "Tacotron2 teacher-forced mels" if tacotron is not None else "ground-truth mels")
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    warm_up(systems, args.griffin_lim_iters)
+    ground_truth_rate = systems[0].config.sampling_rate
+    per_clip: dict[str, list[dict]] = {GROUND_TRUTH: [], **{system.name: [] for system in systems}}
+    for row in tqdm(rows, desc="evaluating", unit="clip"):
+        clip = Clip(row, tacotron, args.free_running, args.max_decoder_steps)
+        stem = Path(row.audio_path).stem
+        per_clip[GROUND_TRUTH].append({"clip": stem, **mos_scores(clip.reference(ground_truth_rate), ground_truth_rate,
+                                                                   args.utmos_checkpoint, use_utmos)})
+        for system in systems:
+            audio = timed_synthesis(system, clip.mel(system.config), args.griffin_lim_iters)
+            save_audio(output_dir / system.name / f"{stem}.wav", audio, system.config.sampling_rate)
+            scores = {"clip": stem, **mos_scores(audio, system.config.sampling_rate, args.utmos_checkpoint, use_utmos)}
+            if aligned:
+                scores.update(reference_scores(clip.reference(system.config.sampling_rate), audio, system.config))
+            per_clip[system.name].append(scores)
+
+    results = [{"system": GROUND_TRUTH, **average(per_clip[GROUND_TRUTH]), "RTF": None}]
+    results += [{"system": system.name, **average(per_clip[system.name]),
+                 "RTF": system.audio_seconds / max(system.compute_seconds, 1e-9)} for system in systems]
+    markdown = write_tables(results, output_dir, use_utmos, mel_source, len(rows))
+    write_per_clip(per_clip, output_dir)
+    print(markdown)
+    print(f"wrote {output_dir / 'results.md'}, {output_dir / 'results.csv'} and the wavs under {output_dir}/<system>/")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,298 @@
+"""Objective quality metrics of synthesised speech, for evaluate.py and notebooks.
+
+Reference-based metrics compare a degraded (vocoded) signal with the recording it came from:
+log-mel L1, mel cepstral distortion, PESQ-WB, STOI, F0 RMSE and voicing error. MOS predictors score
+one signal alone: DNSMOS (offline, the `speechmos` package's ONNX models) and UTMOS (only when its
+weights are already on disk; they live on a hub, DESIGN.md §7).
+
+Every function takes numpy arrays or tensors, crops the pair to the shorter length (a vocoder returns
+frames * hop samples, a few fewer than the recording), and never returns NaN: where a metric is
+undefined (a silent reference, nothing voiced, a missing package) it returns None, which the tables
+show as "n/a".
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import HifiGanConfig
+from utils import UserError, mel_spectrogram
+
+# Peak below -80 dBFS (a few 16-bit LSBs): no signal to compare against.
+SILENCE_PEAK = 1e-4
+# PESQ, pyin and DNSMOS all work at 16 kHz (PESQ-WB and DNSMOS are defined there).
+METRIC_RATE = 16000
+# pyin's search range: covers low male voices to high children's voices.
+F0_MIN, F0_MAX = 50.0, 600.0
+UTMOS_HUB_PREFIX = "tarepan_SpeechMOS_"  # torch.hub cache folder of github.com/tarepan/SpeechMOS
+UTMOS_WEIGHTS = "utmos22_strong_step7459_v1.pt"  # the file its hubconf downloads into <hub>/checkpoints
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def _as_numpy(audio: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(audio, torch.Tensor):
+        audio = audio.detach().float().cpu().numpy()
+    audio = np.nan_to_num(np.asarray(audio, dtype=np.float32).reshape(-1))
+    if audio.size == 0:
+        raise ValueError("empty audio")
+    return audio
+
+
+def _pair(reference, degraded) -> tuple[np.ndarray, np.ndarray]:
+    reference, degraded = _as_numpy(reference), _as_numpy(degraded)
+    length = min(len(reference), len(degraded))
+    return reference[:length], degraded[:length]
+
+
+def _is_silent(audio: np.ndarray) -> bool:
+    return float(np.abs(audio).max()) < SILENCE_PEAK
+
+
+def _resample(audio: np.ndarray, sampling_rate: int, target_rate: int = METRIC_RATE) -> np.ndarray:
+    if sampling_rate == target_rate:
+        return audio
+    from scipy.signal import resample_poly
+    # Polyphase resampling is exact for rational ratios (22050 -> 16000 is 320/441) and fast.
+    gcd = math.gcd(int(sampling_rate), int(target_rate))
+    return resample_poly(audio, target_rate // gcd, int(sampling_rate) // gcd).astype(np.float32)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Spectral distances
+# ---------------------------------------------------------------------------------------------
+
+def log_mel_l1(reference: np.ndarray | torch.Tensor, degraded: np.ndarray | torch.Tensor,
+               config: HifiGanConfig) -> float:
+    """Mean |log-mel(reference) - log-mel(degraded)| with the training loss's mel (fmax_loss), as in the paper.
+
+    Both mels floor at log(1e-5), so silence on either side gives a finite value.
+    """
+    reference, degraded = _pair(reference, degraded)
+    mels = mel_spectrogram(torch.from_numpy(np.stack([reference, degraded])), **config.mel_kwargs(for_loss=True))
+    return float(torch.mean(torch.abs(mels[0] - mels[1])))
+
+
+def _mel_cepstra(audio: np.ndarray, sampling_rate: int, num_coefficients: int) -> np.ndarray:
+    """Mel-frequency cepstra c_1..c_D of the natural-log mel magnitude spectrum -> [frames, D]."""
+    from scipy.fft import dct
+    log_mel = mel_spectrogram(torch.from_numpy(audio), sampling_rate=sampling_rate, n_fft=1024, num_mels=80,
+                              hop_size=256, window_size=1024, fmin=0.0, fmax=None).numpy()
+    # Scale the unnormalised DCT-II so that log S(m) = c_0 + 2 * sum_d c_d cos(pi d (m + 1/2) / M): the
+    # cosine-series cepstrum the classic MCD formula (Kubichek 1993) assumes.
+    cepstra = dct(log_mel, type=2, axis=0, norm=None) / (2 * log_mel.shape[0])
+    return cepstra[1:num_coefficients + 1].T
+
+
+def mel_cepstral_distortion(reference: np.ndarray | torch.Tensor, degraded: np.ndarray | torch.Tensor,
+                            sampling_rate: int, num_coefficients: int = 13, use_dtw: bool = False) -> float:
+    """Mel cepstral distortion in dB, averaged over frames.
+
+    Variant: cepstra c_1..c_13 (c_0, the loudness, excluded) of the natural-log 80-band Slaney mel
+    magnitude spectrum (utils.mel_spectrogram, 1024-point FFT, hop 256, 0 Hz to sr/2), and per frame
+    MCD = 10/ln(10) * sqrt(2 * sum_d (c_d - c'_d)^2). Frames are paired one to one, since a vocoder's
+    output is sample-aligned with its reference; `use_dtw=True` aligns them by dynamic time warping
+    first (for outputs that are not aligned, e.g. free-running TTS). Every frame counts, silence included
+    (silent frames of both signals sit on the same log floor and add 0).
+    """
+    reference, degraded = _as_numpy(reference), _as_numpy(degraded)
+    if not use_dtw:
+        reference, degraded = _pair(reference, degraded)
+    ref_cep = _mel_cepstra(reference, sampling_rate, num_coefficients)
+    deg_cep = _mel_cepstra(degraded, sampling_rate, num_coefficients)
+    if use_dtw:
+        import librosa
+        _, path = librosa.sequence.dtw(X=ref_cep.T, Y=deg_cep.T, metric="euclidean")
+        ref_cep, deg_cep = ref_cep[path[::-1, 0]], deg_cep[path[::-1, 1]]
+    per_frame = 10.0 / math.log(10.0) * np.sqrt(2.0 * np.sum((ref_cep - deg_cep) ** 2, axis=1))
+    return float(per_frame.mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Perceptual / intelligibility
+# ---------------------------------------------------------------------------------------------
+
+def pesq_wb(reference: np.ndarray | torch.Tensor, degraded: np.ndarray | torch.Tensor,
+            sampling_rate: int) -> float | None:
+    """Wide-band PESQ (ITU-T P.862.2, MOS-LQO 1.04 to 4.64) at 16 kHz, via the `pesq` package.
+
+    None when the reference is silent (PESQ finds no utterance to compare) or shorter than PESQ's minimum
+    of 0.25 s. A silent or near-silent degraded signal makes PESQ itself fail; it gets 1.0, the bottom of
+    the scale, since that output really is as bad as it gets.
+    """
+    try:
+        from pesq import PesqError, pesq
+    except ImportError:
+        raise UserError("PESQ needs the `pesq` package: pip install pesq") from None
+    reference, degraded = _pair(reference, degraded)
+    if _is_silent(reference):
+        return None
+    if _is_silent(degraded):
+        return 1.0
+    reference, degraded = _resample(reference, sampling_rate), _resample(degraded, sampling_rate)
+    try:
+        return float(pesq(METRIC_RATE, reference, degraded, "wb"))
+    except PesqError:  # no utterance detected, or shorter than 0.25 s
+        return None
+    except ValueError:
+        # pesq's C code returns NaN (then fails converting it) when the degraded level is ~zero.
+        return 1.0
+
+
+def stoi(reference: np.ndarray | torch.Tensor, degraded: np.ndarray | torch.Tensor,
+         sampling_rate: int) -> float | None:
+    """Short-time objective intelligibility (Taal et al. 2011; 0 to 1) via pystoi.
+
+    None for a silent reference, or one with under ~0.4 s of speech (STOI needs 30 frames of it; pystoi
+    would warn and return a meaningless 1e-5).
+    """
+    try:
+        from pystoi import stoi as pystoi_stoi
+    except ImportError:
+        raise UserError("STOI needs the `pystoi` package: pip install pystoi") from None
+    reference, degraded = _pair(reference, degraded)
+    if _is_silent(reference):
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        score = pystoi_stoi(reference.astype(np.float64), degraded.astype(np.float64), sampling_rate)
+    if any("Not enough STFT frames" in str(warning.message) for warning in caught):
+        return None
+    return float(score)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pitch
+# ---------------------------------------------------------------------------------------------
+
+def f0_track(audio: np.ndarray | torch.Tensor, sampling_rate: int) -> tuple[np.ndarray, np.ndarray]:
+    """(f0 in Hz with NaN where unvoiced, voiced flags) every 10 ms, by librosa.pyin at 16 kHz, 50-600 Hz."""
+    import librosa
+    audio = _resample(_as_numpy(audio), sampling_rate)
+    if _is_silent(audio):
+        frames = 1 + len(audio) // 160
+        return np.full(frames, np.nan), np.zeros(frames, dtype=bool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pyin warns on frames it cannot analyse; those come out unvoiced
+        # 64 ms frames hold two periods of 50 Hz; pyin costs ~0.1 s per second of audio here.
+        f0, voiced, _ = librosa.pyin(audio, fmin=F0_MIN, fmax=F0_MAX, sr=METRIC_RATE, frame_length=1024,
+                                     hop_length=160)
+    return f0, voiced.astype(bool)
+
+
+def f0_rmse_and_vuv(reference: np.ndarray | torch.Tensor, degraded: np.ndarray | torch.Tensor,
+                    sampling_rate: int) -> tuple[float | None, float]:
+    """(F0 RMSE in cents over frames voiced in both, voiced/unvoiced decision error rate over all frames).
+
+    Cents (1200 * log2 of the ratio) so that an octave error weighs the same for low and high voices.
+    The RMSE is None when no frame is voiced in both signals; the V/UV error is always defined.
+    """
+    reference, degraded = _pair(reference, degraded)
+    ref_f0, ref_voiced = f0_track(reference, sampling_rate)
+    deg_f0, deg_voiced = f0_track(degraded, sampling_rate)
+    vuv_error = float(np.mean(ref_voiced != deg_voiced))
+    both = ref_voiced & deg_voiced & np.isfinite(ref_f0) & np.isfinite(deg_f0)
+    if not both.any():
+        return None, vuv_error
+    cents = 1200.0 * np.log2(deg_f0[both] / ref_f0[both])
+    return float(np.sqrt(np.mean(cents ** 2))), vuv_error
+
+
+# ---------------------------------------------------------------------------------------------
+# MOS predictors
+# ---------------------------------------------------------------------------------------------
+
+def dnsmos(audio: np.ndarray | torch.Tensor, sampling_rate: int) -> dict[str, float] | None:
+    """DNSMOS (Reddy et al.): {"p808": P.808 MOS, "sig", "bak", "ovrl": P.835 MOS}, each about 1 to 5.
+
+    Runs Microsoft's ONNX models shipped in the `speechmos` package (onnxruntime, 16 kHz, no network).
+    None, with a one-time warning, when `speechmos` or `onnxruntime` is not installed. Clips shorter than
+    DNSMOS's 9 s window are repeated to fill it, as the reference implementation does.
+    """
+    try:
+        from speechmos import dnsmos as speechmos_dnsmos
+    except ImportError as error:
+        _warn_once(f"DNSMOS skipped: {error}. Install it with: pip install speechmos onnxruntime")
+        return None
+    audio = np.clip(_resample(_as_numpy(audio), sampling_rate), -1.0, 1.0)
+    # speechmos repeats a short clip by doubling until it covers the window, then scores every 1 s hop
+    # of the result (a 2 s clip becomes 16 s and six windows of the same content); one window of the
+    # tiled clip gives the same score for a sixth of the time.
+    window = math.ceil(speechmos_dnsmos.INPUT_LENGTH * METRIC_RATE)
+    if len(audio) < window:
+        audio = np.resize(audio, window)
+    scores = speechmos_dnsmos.run(audio, sr=METRIC_RATE)
+    return {key: float(scores[f"{key}_mos"]) for key in ("p808", "sig", "bak", "ovrl")}
+
+
+def find_utmos(checkpoint: str | None = None) -> tuple[Path, Path | None] | None:
+    """Where UTMOS can be loaded from offline: (SpeechMOS hub repo folder, weights file or None), or None.
+
+    `checkpoint` may be the hub repo folder itself (its hubconf then finds the weights in the torch-hub
+    checkpoint cache) or a weights file (the model code then comes from the hub cache). Without it, both
+    must already sit in the torch-hub cache (`torch.hub.get_dir()`), as a first online
+    `torch.hub.load("tarepan/SpeechMOS:v1.2.0", "utmos22_strong", trust_repo=True)` leaves them.
+    """
+    hub = Path(torch.hub.get_dir())
+    cached_repos = sorted(path for path in hub.glob(f"{UTMOS_HUB_PREFIX}*") if (path / "hubconf.py").is_file())
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        if path.is_dir() and (path / "hubconf.py").is_file():
+            return path, None
+        if not path.is_file():
+            raise UserError(f"UTMOS checkpoint {path} does not exist; pass the SpeechMOS hub folder or "
+                            f"{UTMOS_WEIGHTS}")
+        if not cached_repos:
+            raise UserError(f"UTMOS weights {path} need the model code of github.com/tarepan/SpeechMOS: clone it "
+                            f"and pass that folder as --utmos_checkpoint (weights in {hub / 'checkpoints'})")
+        return cached_repos[-1], path
+    if cached_repos and (hub / "checkpoints" / UTMOS_WEIGHTS).is_file():
+        return cached_repos[-1], None
+    return None
+
+
+@functools.lru_cache(maxsize=2)
+def _load_utmos(repo: Path, weights: Path | None) -> torch.nn.Module:
+    # source="local" never touches the network; the hubconf's own weight download is a no-op when the
+    # file is already in the hub checkpoint cache (find_utmos checked that, or weights are given).
+    if weights is None:
+        model = torch.hub.load(str(repo), "utmos22_strong", source="local", trust_repo=True)
+    else:
+        model = torch.hub.load(str(repo), "utmos22_strong", source="local", trust_repo=True, pretrained=False)
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def utmos(audio: np.ndarray | torch.Tensor, sampling_rate: int, checkpoint: str | None = None) -> float | None:
+    """UTMOS-strong naturalness MOS (Saeki et al. 2022), only from weights already on disk (see find_utmos).
+
+    None when no weights are found: they are published on a hub and cannot be fetched offline. The
+    SpeechMOS hub code also imports torchaudio; a load failure is reported as a UserError.
+    """
+    location = find_utmos(checkpoint)
+    if location is None:
+        return None
+    try:
+        model = _load_utmos(*location)
+    except Exception as error:  # hub code: missing torchaudio, mismatched weights, a network attempt...
+        raise UserError(f"cannot load UTMOS from {location[0]}: {error}") from None
+    wave = torch.from_numpy(_resample(_as_numpy(audio), sampling_rate))[None]
+    with torch.inference_mode():
+        try:
+            score = model(wave, METRIC_RATE)  # SpeechMOS >= 1.0: forward(wave, sr)
+        except TypeError:
+            score = model(wave)  # earlier versions took 16 kHz audio only
+    return float(score.detach().reshape(-1)[0])

@@ -1,0 +1,237 @@
+"""inference.py: every input kind through the CLI, chunked vocoding, batching, bf16, Griffin-Lim, bad inputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from conftest import REPO, shared_path, synth_clip
+
+import inference
+from model import Generator, HifiGanConfig, save_generator
+from tacotron2 import Tacotron2, Tacotron2Config, save_tacotron2
+from utils import db_mel_to_log_mel, load_audio, mel_spectrogram
+
+TINY = HifiGanConfig(upsample_initial_channel=16, upsample_rates=(8, 8, 4), upsample_kernel_sizes=(16, 16, 8),
+                     resblock="2", resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1, 2),))
+HOP = 256
+TINY_TACOTRON = dict(symbols_embedding_dim=16, encoder_embedding_dim=16, decoder_rnn_dim=24, prenet_dim=8,
+                     attention_rnn_dim=24, attention_dim=8, attention_location_n_filters=4,
+                     attention_location_kernel_size=7, postnet_embedding_dim=12, n_mel_channels=80,
+                     max_decoder_steps=12)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_generator")
+    save_generator(Generator(TINY), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_vocoder(tiny_checkpoint) -> Generator:
+    return inference.load_vocoder(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def clip_mel() -> torch.Tensor:
+    """~3 s of speech-like signal -> mel [80, 258]."""
+    return mel_spectrogram(torch.from_numpy(synth_clip(3.0)), **TINY.mel_kwargs())
+
+
+def mel_l1(audio: torch.Tensor, reference_mel: torch.Tensor, config: HifiGanConfig = TINY) -> float:
+    return (mel_spectrogram(audio, **config.mel_kwargs()) - reference_mel).abs().mean().item()
+
+
+def run_cli(*args, capsys=None) -> tuple[int, str, str]:
+    """inference.main in-process: (exit code, stdout, stderr)."""
+    code = inference.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def wav_frames(path: Path) -> tuple[int, int]:
+    info = sf.info(str(path))
+    return info.frames, info.samplerate
+
+
+# --------------------------------------------------------------------------------------------- every way in
+
+def test_npy_file_and_folder(tmp_path, tiny_checkpoint, clip_mel, capsys):
+    mels = tmp_path / "mels"
+    mels.mkdir()
+    for name, frames in (("a", 40), ("b", 75), ("c", 258)):
+        np.save(mels / f"{name}.npy", clip_mel[:, :frames].numpy())
+    np.save(tmp_path / "single.npy", clip_mel[None, :, :33].numpy())  # a leading batch of 1 is accepted
+    code, out, _ = run_cli("--checkpoint", tiny_checkpoint, "--input", tmp_path / "single.npy", mels,
+                           "--output_dir", tmp_path / "out", "--batch_size", "2", capsys=capsys)
+    assert code == 0
+    for name, frames in (("single", 33), ("a", 40), ("b", 75), ("c", 258)):
+        assert wav_frames(tmp_path / "out" / f"{name}.wav") == (frames * HOP, 22050)
+    assert "real time" in out and "cpu" in out and "float32" in out
+
+
+def test_wav_and_manifest_copy_synthesis(tmp_path, tiny_checkpoint, tiny_corpus, capsys):
+    train_manifest, test_manifest = tiny_corpus
+    wav = train_manifest.parent / "wavs" / "train_003.wav"
+    code, _, _ = run_cli("--checkpoint", tiny_checkpoint, "--input", wav, test_manifest,
+                         "--output_dir", tmp_path, "--max_chunk_frames", "20", capsys=capsys)
+    assert code == 0
+    for source in (wav, *sorted((train_manifest.parent / "wavs").glob("test_*.wav"))):
+        expected = len(load_audio(source, 22050)) // HOP * HOP
+        assert wav_frames(tmp_path / f"{source.stem}.wav") == (expected, 22050)
+
+
+@pytest.fixture(scope="module")
+def tiny_tacotron(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tacotron")
+    save_tacotron2(Tacotron2(Tacotron2Config(**TINY_TACOTRON)), folder)
+    return folder
+
+
+def test_text_to_speech(tmp_path, tiny_checkpoint, tiny_tacotron, capsys):
+    code, _, _ = run_cli("--checkpoint", tiny_checkpoint, "--taco_weights", tiny_tacotron,
+                         "--text", "Hello world.", "A second, longer sentence to speak.",
+                         "--output_dir", tmp_path, capsys=capsys)
+    assert code == 0
+    for name in ("text_000", "text_001"):
+        frames, rate = wav_frames(tmp_path / f"{name}.wav")
+        assert rate == 22050 and frames % HOP == 0 and 0 < frames <= TINY_TACOTRON["max_decoder_steps"] * HOP
+
+    lines = tmp_path / "lines.txt"
+    lines.write_text("First line.\n\nSecond line.\n")
+    code, _, _ = run_cli("--checkpoint", tiny_checkpoint, "--taco_weights", tiny_tacotron, "--text_file", lines,
+                         "--max_decoder_steps", "5", "--output_dir", tmp_path / "file", capsys=capsys)
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "file").iterdir()) == ["text_000.wav", "text_001.wav"]
+
+
+def test_text_to_mel_converts_a_db_tacotron(tmp_path, tiny_tacotron):
+    torch.manual_seed(0)
+    save_tacotron2(Tacotron2(Tacotron2Config(**TINY_TACOTRON)), tmp_path,
+                   extra={"audio": {"mel_scale": "db", "min_db": -100.0, "max_scaled_abs": 4.0}})
+    log_model, db_model = inference.load_tacotron(tiny_tacotron), inference.load_tacotron(tmp_path)
+    assert log_model.audio == {} and db_model.audio["mel_scale"] == "db"
+    torch.manual_seed(1)  # the prenet's dropout stays on at inference
+    as_is, alignment = inference.text_to_mel(log_model, "Hello.", TINY, max_decoder_steps=6)
+    torch.manual_seed(1)
+    converted, _ = inference.text_to_mel(db_model, "Hello.", TINY, max_decoder_steps=6)
+    assert as_is.shape[0] == 80 and alignment.shape[0] == as_is.shape[1]
+    torch.testing.assert_close(converted, db_mel_to_log_mel(as_is))
+
+
+def test_official_v2_resynthesis_shared_fixture(tmp_path):
+    checkpoint = shared_path("fixtures", "generator_v2")
+    wav = shared_path("ljspeech_sample", "wavs", "LJ001-0008.wav")
+    result = subprocess.run([sys.executable, "inference.py", "--checkpoint", str(checkpoint), "--input", str(wav),
+                             "--output_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "V2" in result.stderr and "Traceback" not in result.stderr  # the guessed preset, said in one line
+    config = HifiGanConfig.from_preset("v2")
+    reference = inference.mel_from_wav(wav, config)
+    audio, rate = sf.read(str(tmp_path / "LJ001-0008.wav"), dtype="float32")
+    assert rate == 22050 and len(audio) == reference.shape[1] * HOP
+    # The authors' weights give about 0.33 through the official code.
+    assert mel_l1(torch.from_numpy(audio), reference, config) < 0.5
+
+
+# --------------------------------------------------------------------------------------------- vocoding
+
+def test_chunked_equals_whole_away_from_joins(tiny_vocoder, clip_mel):
+    whole = inference.vocode(tiny_vocoder, clip_mel)
+    assert whole.dtype == torch.float32 and whole.shape == (clip_mel.shape[1] * HOP,)
+    assert not whole.is_inference()  # callers may scale it in place
+    chunked = inference.vocode(tiny_vocoder, clip_mel, max_chunk_frames=64, overlap_frames=16)
+    assert chunked.shape == whole.shape
+    assert (chunked - whole).abs().max() < 1e-4  # 16 frames of context cover the receptive field
+
+    def max_jump_near_joins(audio: torch.Tensor) -> float:
+        return max(audio[join * HOP - 512:join * HOP + 512].diff().abs().max().item()
+                   for join in range(64, clip_mel.shape[1], 64))
+
+    whole_jump = whole.diff().abs().max().item()
+    # Little context: the chunks differ from the whole a little, and the crossfade keeps the joins smooth.
+    short_context = inference.vocode(tiny_vocoder, clip_mel, max_chunk_frames=64, overlap_frames=4)
+    assert 0 < (short_context - whole).abs().max() < 0.01
+    assert max_jump_near_joins(short_context) <= 1.05 * whole_jump
+    # The check sees a click when there is one: no context and no crossfade.
+    hard_cut = inference.vocode(tiny_vocoder, clip_mel, max_chunk_frames=64, overlap_frames=0)
+    assert max_jump_near_joins(hard_cut) > 1.05 * whole_jump
+
+
+def test_vocode_batch_matches_one_by_one(tiny_vocoder, clip_mel):
+    mels = [clip_mel[:, :50], clip_mel, clip_mel[:, 7:130]]
+    outputs = inference.vocode_batch(tiny_vocoder, mels, max_chunk_frames=200, batch_size=2)
+    for mel, audio in zip(mels, outputs):
+        alone = inference.vocode(tiny_vocoder, mel, max_chunk_frames=200)
+        assert audio.shape == alone.shape == (mel.shape[1] * HOP,) and not audio.is_inference()
+        # Padding with silence changes only the last few frames (the receptive field is ±4 frames).
+        keep = (mel.shape[1] - 8) * HOP
+        assert (audio[:keep] - alone[:keep]).abs().max() < 1e-5
+
+
+def test_bfloat16_on_cpu_is_close_to_float32(tiny_checkpoint, tiny_vocoder, clip_mel):
+    bf16 = inference.load_vocoder(tiny_checkpoint, dtype=torch.bfloat16)
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    audio = inference.vocode(bf16, clip_mel)
+    assert audio.dtype == torch.float32
+    reference = mel_spectrogram(inference.vocode(tiny_vocoder, clip_mel), **TINY.mel_kwargs())
+    assert mel_l1(audio, reference) < 0.1
+
+
+def test_griffin_lim_baseline(tmp_path, tiny_corpus, capsys):
+    wav = tiny_corpus[0].parent / "wavs" / "train_001.wav"
+    code, out, _ = run_cli("--vocoder", "griffin_lim", "--input", wav, "--griffin_lim_iters", "16",
+                           "--output_dir", tmp_path, capsys=capsys)
+    assert code == 0 and "real time" in out
+    reference = inference.mel_from_wav(wav, TINY)
+    audio = torch.from_numpy(sf.read(str(tmp_path / "train_001.wav"), dtype="float32")[0])
+    assert len(audio) == reference.shape[1] * HOP
+    noise = torch.randn(len(audio), generator=torch.Generator().manual_seed(0)) * audio.std()
+    assert mel_l1(audio, reference) < 0.5 * mel_l1(noise, reference)
+
+
+# --------------------------------------------------------------------------------------------- bad inputs
+
+@pytest.fixture
+def bad_inputs(tmp_path) -> Path:
+    np.save(tmp_path / "forty_bands.npy", np.zeros((40, 10), dtype=np.float32))
+    np.save(tmp_path / "transposed.npy", np.zeros((10, 80), dtype=np.float32))
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "empty.wav").write_bytes(b"")
+    torch.save({"mpd": {}, "msd": {}}, tmp_path / "do_00000100")
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--input", "{d}/forty_bands.npy"], ["forty_bands.npy", "[40, 10]", "80 mel bands"]),
+    (["--input", "{d}/transposed.npy"], ["transposed.npy", "[10, 80]", "transposed"]),
+    (["--input", "{d}/empty.npy"], ["empty.npy", "empty"]),
+    (["--input", "{d}/empty.wav"], ["empty.wav", "empty"]),
+    (["--input", "{d}/missing.npy"], ["missing.npy", "does not exist"]),
+    (["--text", "Hello."], ["--taco_weights"]),
+    (["--input", "{d}/forty_bands.npy", "--dtype", "float16", "--device", "cpu"], ["float16", "CUDA"]),
+])
+def test_bad_inputs_give_one_line(args, expected, bad_inputs, tiny_checkpoint, capsys):
+    args = [a.format(d=bad_inputs) for a in args]
+    code, _, err = run_cli("--checkpoint", tiny_checkpoint, *args, "--output_dir", bad_inputs / "out", capsys=capsys)
+    assert code == 1
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert all(fragment in err for fragment in expected), err
+
+
+def test_not_a_generator_exits_1_without_traceback(bad_inputs, clip_mel):
+    np.save(bad_inputs / "ok.npy", clip_mel[:, :10].numpy())
+    result = subprocess.run([sys.executable, "inference.py", "--checkpoint", str(bad_inputs / "do_00000100"),
+                             "--input", str(bad_inputs / "ok.npy"), "--output_dir", str(bad_inputs / "out")],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "discriminator" in result.stderr and "do_00000100" in result.stderr
