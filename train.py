@@ -205,6 +205,15 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, 
     return final
 
 
+def check_launch(accelerator: Accelerator) -> None:
+    """`accelerate launch --multi_gpu` with no GPU and no ACCELERATE_USE_CPU starts N unrelated
+    single-process runs that would all write the same checkpoints (DESIGN.md §7): refuse that."""
+    launched_world = int(os.environ.get("WORLD_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if launched_world > 1 and accelerator.num_processes == 1:
+        raise UserError(f"launched as {launched_world} processes but each runs alone (no GPUs?); for "
+                        "multi-process CPU training set ACCELERATE_USE_CPU=1 before `accelerate launch --multi_gpu`")
+
+
 class StopSignal:
     """SIGTERM (preemption) or SIGINT (Ctrl-C) asks the loop to finish its step, save and exit.
 
@@ -409,12 +418,7 @@ def main(argv: list[str] | None = None) -> Generator:
         # ExponentialLR steps once per *epoch*; without this, accelerate would step it with every optimiser step.
         step_scheduler_with_optimizer=False,
     )
-    # `accelerate launch --multi_gpu` with no GPU and no ACCELERATE_USE_CPU starts N unrelated
-    # single-process runs that would all write the same checkpoints (DESIGN.md §7).
-    launched_world = int(os.environ.get("WORLD_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if launched_world > 1 and accelerator.num_processes == 1:
-        raise UserError(f"launched as {launched_world} processes but each runs alone (no GPUs?); for "
-                        "multi-process CPU training set ACCELERATE_USE_CPU=1 before `accelerate launch --multi_gpu`")
+    check_launch(accelerator)
     set_seed(args.seed, device_specific=False)
     # TF32 tensor cores for fp32 convs/matmuls on Ampere+ (10-bit mantissa inputs, fp32 accumulation):
     # a large speed-up that GAN vocoder training tolerates; --no_tf32 turns it off.

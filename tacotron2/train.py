@@ -46,6 +46,7 @@ from train import (
     COMPLETE_MARKER,
     StopSignal,
     TrainState,
+    check_launch,
     complete_checkpoints,
     find_resume_checkpoint,
     setup_trackers,
@@ -410,12 +411,7 @@ def main(argv: list[str] | None = None) -> Tacotron2:
         # The loop steps the scheduler once per optimiser step itself: one schedule whatever the process count.
         step_scheduler_with_optimizer=False,
     )
-    # `accelerate launch --multi_gpu` with no GPU and no ACCELERATE_USE_CPU starts N unrelated single-process runs
-    # that would all write the same checkpoints (DESIGN.md §7).
-    launched_world = int(os.environ.get("WORLD_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if launched_world > 1 and accelerator.num_processes == 1:
-        raise UserError(f"launched as {launched_world} processes but each runs alone (no GPUs?); for "
-                        "multi-process CPU training set ACCELERATE_USE_CPU=1 before `accelerate launch --multi_gpu`")
+    check_launch(accelerator)
     set_seed(args.seed, device_specific=False)
     accelerator.print(f"Tacotron2 on {accelerator.num_processes} process(es), device {accelerator.device}, "
                       f"mixed precision {accelerator.mixed_precision}; {args.mel_scale} mel")
