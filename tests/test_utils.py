@@ -1,6 +1,7 @@
 """The one mel function (DESIGN.md §1), audio loading and manifests."""
 
 import math
+import warnings
 
 import librosa
 import numpy as np
@@ -9,6 +10,7 @@ import soundfile as sf
 import torch
 from conftest import synth_clip, write_corpus
 
+import utils
 from utils import UserError, db_mel_to_log_mel, load_audio, log_mel_to_db_mel, mel_spectrogram, read_manifest
 
 MEL = dict(sampling_rate=22050, n_fft=1024, num_mels=80, hop_size=256, window_size=1024, fmin=0, fmax=8000)
@@ -49,7 +51,9 @@ def test_batched_equals_single_and_db_scale_is_affine_image():
     assert torch.allclose(silent, torch.full_like(silent, math.log(1e-5)))
 
 
-def test_load_audio_int16_stereo_resampled_and_peak_normalised(tmp_path):
+def test_load_audio_int16_stereo_resampled_and_peak_normalised(tmp_path, monkeypatch):
+    # The warning is said once per process; another test may already have said it.
+    monkeypatch.setattr(utils, "_warned_resample", set())
     clip = synth_clip(0.5, sampling_rate=44100)
     clip[100] = -1.0  # the loudest sample is negative: normalising by max() would overshoot
     stereo = np.stack([clip, 0.5 * clip], axis=1)
@@ -59,6 +63,9 @@ def test_load_audio_int16_stereo_resampled_and_peak_normalised(tmp_path):
     assert audio.dtype == np.float32 and audio.ndim == 1
     assert abs(len(audio) - 11025) <= 1
     assert abs(np.abs(audio).max() - 0.95) < 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second 44.1 kHz file must not repeat it
+        load_audio(tmp_path / "a.wav", 22050)
 
 
 def test_load_audio_bad_file_names_it(tmp_path):
