@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dataset import MelDataset
+from inference import vocode
 from model import (
     PRESETS,
     Generator,
@@ -44,6 +45,8 @@ from model import (
     save_generator,
 )
 from utils import UserError, mel_spectrogram
+
+VALIDATION_CHUNK_FRAMES = 1024  # about 12 s of 22 kHz audio per generator call
 
 COMPLETE_MARKER = "checkpoint_complete"
 
@@ -288,6 +291,24 @@ def setup_trackers(args: argparse.Namespace) -> str | None:
     return report_to
 
 
+def start_trackers(accelerator: Accelerator, report_to: str | None, run_name: str, run_dir: Path,
+                   hyperparameters: dict) -> str | None:
+    """Start the run's tracker; returns `report_to`, or None when its package is missing."""
+    if not report_to:
+        return None
+    # TensorBoard's hparams take only scalars and strings.
+    hyperparameters = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in hyperparameters.items()}
+    accelerator.init_trackers(run_name, config=hyperparameters,
+                              init_kwargs={"wandb": {"dir": str(run_dir), "name": run_name}})
+    if not accelerator.trackers:
+        # accelerate drops a tracker whose package is missing (with a warning); log nowhere rather than fail.
+        accelerator.print(f"warning: --report_to {report_to}: its package is not installed; not logging")
+        return None
+    if report_to == "wandb" and os.environ.get("WANDB_MODE") == "offline":
+        accelerator.print(f"wandb is offline: logs go to {run_dir / 'wandb'} (upload with `wandb sync`)")
+    return report_to
+
+
 def plot_mels(mel_true: torch.Tensor, mel_generated: torch.Tensor):
     import matplotlib
     matplotlib.use("Agg")
@@ -333,8 +354,9 @@ def validate(generator: Generator, loader: DataLoader, config: HifiGanConfig, de
     generator.eval()
     total, count, samples = 0.0, 0, []
     for i, (mel, audio, loss_mel) in enumerate(loader):
-        mel, loss_mel = mel.to(device), loss_mel.to(device)
-        audio_generated = generator(mel).squeeze(1)
+        loss_mel = loss_mel.to(device)
+        # In chunks (exact, see inference.vocode), so a 10-minute clip costs no more memory than a short one.
+        audio_generated = vocode(generator, mel[0], max_chunk_frames=VALIDATION_CHUNK_FRAMES)[None].to(device)
         mel_generated = mel_spectrogram(audio_generated.float(), **config.mel_kwargs(for_loss=True))
         frames = min(mel_generated.shape[-1], loss_mel.shape[-1])
         total += torch.nn.functional.l1_loss(mel_generated[..., :frames], loss_mel[..., :frames]).item()
@@ -473,11 +495,8 @@ def main(argv: list[str] | None = None) -> Generator:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    if report_to:
-        accelerator.init_trackers(args.experiment_name, config={**vars(args), **config.to_dict()},
-                                  init_kwargs={"wandb": {"dir": str(run_dir), "name": args.experiment_name}})
-        if report_to == "wandb" and os.environ.get("WANDB_MODE") == "offline":
-            accelerator.print(f"wandb is offline: logs go to {run_dir / 'wandb'} (upload with `wandb sync`)")
+    report_to = start_trackers(accelerator, report_to, args.experiment_name, run_dir,
+                               {**vars(args), **config.to_dict()})
 
     steps_per_epoch = len(train_loader)
     max_steps = args.max_steps if args.max_steps is not None else args.training_epochs * steps_per_epoch

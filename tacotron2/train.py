@@ -50,6 +50,7 @@ from train import (
     complete_checkpoints,
     find_resume_checkpoint,
     setup_trackers,
+    start_trackers,
 )
 from utils import UserError, load_audio, mel_spectrogram, read_manifest, save_audio
 
@@ -465,17 +466,7 @@ def main(argv: list[str] | None = None) -> Tacotron2:
             accelerator.print(f"resumed from {checkpoint} at step {state.step}, epoch {state.epoch}")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-    if report_to:
-        hyperparameters = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in vars(args).items()}
-        accelerator.init_trackers(args.experiment_name, config=hyperparameters,
-                                  init_kwargs={"wandb": {"dir": str(run_dir),
-                                                         "name": args.run_name or args.experiment_name}})
-        if not accelerator.trackers and accelerator.is_main_process:
-            # accelerate drops a tracker whose package is missing (with a warning); log nowhere rather than fail.
-            accelerator.print(f"warning: --report_to {report_to}: its package is not installed; not logging")
-            report_to = None
-        elif report_to == "wandb" and os.environ.get("WANDB_MODE") == "offline":
-            accelerator.print(f"wandb is offline: logs go to {run_dir / 'wandb'} (upload with `wandb sync`)")
+    report_to = start_trackers(accelerator, report_to, args.run_name or args.experiment_name, run_dir, vars(args))
 
     def maybe_validate(force: bool = False) -> None:
         if not (force or state.step % args.validation_steps == 0):

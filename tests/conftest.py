@@ -13,11 +13,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
+from model import HifiGanConfig  # noqa: E402 (needs the repo on the path)
+
 # A model small enough that a GAN step takes well under a second on 2 CPU cores.
 TINY_FLAGS = ["--upsample_initial_channel", "16", "--upsample_rates", "8", "8", "4",
               "--upsample_kernel_sizes", "16", "16", "8", "--resblock", "2",
               "--resblock_kernel_sizes", "3", "--resblock_dilation_sizes", "((1,2),)",
               "--mpd_periods", "2", "3", "--discriminator_width_divisor", "8", "--segment_size", "2048"]
+
+# The same model as a config object, for tests that build it in-process.
+TINY_CONFIG = HifiGanConfig(upsample_initial_channel=16, upsample_rates=(8, 8, 4), upsample_kernel_sizes=(16, 16, 8),
+                            resblock="2", resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1, 2),))
 
 
 def synth_clip(seconds: float, sampling_rate: int = 22050, seed: int = 0) -> np.ndarray:

@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, shared_path
+from conftest import REPO, TINY_CONFIG, shared_path
 
 import evaluate
-from model import Generator, HifiGanConfig, save_generator
+from model import Generator, save_generator
 from tacotron2 import Tacotron2, Tacotron2Config, save_tacotron2
 from utils import UserError
 
-TINY = HifiGanConfig(upsample_initial_channel=16, upsample_rates=(8, 8, 4), upsample_kernel_sizes=(16, 16, 8),
-                     resblock="2", resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1, 2),))
+TINY = TINY_CONFIG
 # Columns every synthesised system fills on aligned mels, whatever its quality (PESQ and F0 RMSE may be
 # legitimately undefined for a random generator's output).
 ALWAYS_DEFINED = ["DNSMOS P.808", "DNSMOS overall", "log-mel L1", "MCD (dB)", "STOI", "V/UV error", "RTF"]

@@ -10,15 +10,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import REPO, shared_path, synth_clip
+from conftest import REPO, TINY_CONFIG, shared_path, synth_clip
 
 import inference
 from model import Generator, HifiGanConfig, save_generator
 from tacotron2 import Tacotron2, Tacotron2Config, save_tacotron2
 from utils import db_mel_to_log_mel, load_audio, mel_spectrogram
 
-TINY = HifiGanConfig(upsample_initial_channel=16, upsample_rates=(8, 8, 4), upsample_kernel_sizes=(16, 16, 8),
-                     resblock="2", resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1, 2),))
+TINY = TINY_CONFIG
 HOP = 256
 TINY_TACOTRON = dict(symbols_embedding_dim=16, encoder_embedding_dim=16, decoder_rnn_dim=24, prenet_dim=8,
                      attention_rnn_dim=24, attention_dim=8, attention_location_n_filters=4,

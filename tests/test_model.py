@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import shared_path
+from conftest import TINY_CONFIG, shared_path
 
 import model
 from model import (
@@ -18,8 +18,7 @@ from model import (
 )
 from utils import UserError
 
-TINY = HifiGanConfig(upsample_initial_channel=16, upsample_rates=(8, 8, 4), upsample_kernel_sizes=(16, 16, 8),
-                     resblock="2", resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1, 2),))
+TINY = TINY_CONFIG
 
 
 def official_shapes():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import REPO, TINY_FLAGS, synth_clip, write_corpus
+from conftest import REPO, TINY_CONFIG, TINY_FLAGS, synth_clip, write_corpus
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(REPO))
@@ -109,16 +110,26 @@ def test_dataset_items_of_nan_silent_and_short_audio_are_finite(bad_corpus):
     assert mel.shape == (80, 1) and len(audio) == 256 and torch.isfinite(loss_mel).all()
 
 
-def test_long_validation_clip_is_not_a_problem_for_the_loader(tmp_path):
-    # a 10-minute clip: validation reads it whole (bounded by the clip, one at a time, batch 1)
+def test_ten_minute_validation_clip_is_validated_in_bounded_chunks(tmp_path):
+    # The loader reads the clip whole; validate() never hands the generator more than a chunk of it.
     folder = tmp_path / "long"
     (folder / "wavs").mkdir(parents=True)
     sf.write(folder / "wavs" / "long.wav", np.tile(synth_clip(1.0), 600), 22050, subtype="PCM_16")
     (folder / "m.csv").write_text("file_path\nwavs/long.wav\n")
+    from torch.utils.data import DataLoader
+
+    import train
     from dataset import MelDataset
-    from model import HifiGanConfig
-    mel, _, _ = MelDataset(folder / "m.csv", HifiGanConfig(), 2048, train=False)[0]
-    assert mel.shape == (80, 600 * 22050 // 256)
+    from model import Generator
+    config = TINY_CONFIG
+    dataset = MelDataset(folder / "m.csv", config, 2048, train=False)
+    generator = Generator(config)
+    frames_seen = []
+    generator.register_forward_pre_hook(lambda module, inputs: frames_seen.append(inputs[0].shape[-1]))
+    error, _ = train.validate(generator, DataLoader(dataset, batch_size=1), config, torch.device("cpu"), 0)
+    total_frames = 600 * 22050 // 256
+    assert max(frames_seen) <= train.VALIDATION_CHUNK_FRAMES + 2 * 16 < total_frames
+    assert sum(frames_seen) >= total_frames and math.isfinite(error)
 
 
 # ------------------------------------------------------------------------------------ training faults

@@ -94,6 +94,18 @@ def test_wandb_offline_logs_scalars_audio_and_mel_images(tmp_path, tiny_corpus):
     assert any(p.suffix == ".wav" for p in media) and any(p.suffix == ".png" for p in media)
 
 
+def test_tensorboard_logs_scalars_audio_and_mel_images(tmp_path, tiny_corpus):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run_train(tmp_path, tiny_corpus, "--max_steps", "2", "--report_to", "tensorboard", "--wandb_log_iters", "1",
+              "--validation_steps", "2", "--num_audio_samples", "1", name="tb")
+    event_files = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert event_files, list((tmp_path / "tb").rglob("*"))
+    events = EventAccumulator(str(event_files[0].parent), size_guidance={"audio": 0, "images": 0}).Reload()
+    tags = events.Tags()
+    assert {"train/loss_mel", "val/mel_error"} <= set(tags["scalars"])
+    assert "val/audio_0" in tags["audio"] and "val/mel_0" in tags["images"]
+
+
 def test_bad_flags_and_fake_multiprocess_launch_fail_with_one_line(tmp_path, tiny_corpus):
     train_manifest, test_manifest = tiny_corpus
     base = [sys.executable, str(REPO / "train.py"), "--experiment_name", "x", "--working_directory", str(tmp_path),
