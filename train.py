@@ -254,6 +254,16 @@ def find_resume_checkpoint(value: str, run_dir: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
+def load_training_state(accelerator: Accelerator, checkpoint: Path) -> None:
+    """accelerator.load_state, with one clear line when the checkpoint is not this run's (other flags, old format)."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (RuntimeError, KeyError, ValueError, FileNotFoundError) as error:
+        reason = str(error).strip().splitlines()[0][:200]
+        raise UserError(f"cannot resume from {checkpoint}: it does not fit this run's models ({reason}). Resume with "
+                        "the flags it was trained with, or start afresh under another --experiment_name") from error
+
+
 def load_pretrained(path: str, generator: Generator, mpd: torch.nn.Module, msd: torch.nn.Module) -> str:
     """Start weights for --finetune: a checkpoint of this repo, a generator export, or official g_/do_ files."""
     path = Path(path)
@@ -489,7 +499,7 @@ def main(argv: list[str] | None = None) -> Generator:
         if checkpoint is None:
             accelerator.print(f"no checkpoint in {run_dir} yet; starting from scratch")
         else:
-            accelerator.load_state(str(checkpoint))
+            load_training_state(accelerator, checkpoint)
             state = TrainState(**json.loads((checkpoint / "train_state.json").read_text()))
             accelerator.print(f"resumed from {checkpoint} at step {state.step}, epoch {state.epoch}")
     if accelerator.is_main_process:

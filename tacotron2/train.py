@@ -49,6 +49,7 @@ from train import (
     check_launch,
     complete_checkpoints,
     find_resume_checkpoint,
+    load_training_state,
     setup_trackers,
     start_trackers,
 )
@@ -461,7 +462,7 @@ def main(argv: list[str] | None = None) -> Tacotron2:
         if checkpoint is None:
             accelerator.print(f"no checkpoint in {run_dir} yet; starting from scratch")
         else:
-            accelerator.load_state(str(checkpoint))
+            load_training_state(accelerator, checkpoint)
             state = TrainState(**json.loads((checkpoint / "train_state.json").read_text()))
             accelerator.print(f"resumed from {checkpoint} at step {state.step}, epoch {state.epoch}")
     if accelerator.is_main_process:
