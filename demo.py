@@ -21,7 +21,7 @@ import torch
 
 from make_demo_corpus import build_demo_corpus
 from model import load_generator
-from utils import UserError, load_audio, mel_spectrogram, read_manifest, save_audio
+from utils import load_audio, mel_spectrogram, read_manifest, run_cli, save_audio
 
 REPO = Path(__file__).resolve().parent
 
@@ -70,9 +70,6 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     try:
-        main()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
-    except subprocess.CalledProcessError as error:
+        run_cli(main)
+    except subprocess.CalledProcessError as error:  # training failed and has said why
         sys.exit(error.returncode)

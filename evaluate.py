@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 import metrics
 from inference import griffin_lim, load_tacotron, load_vocoder, text_to_mel, vocode
 from model import Generator, HifiGanConfig
-from utils import ManifestRow, UserError, load_audio, mel_spectrogram, read_manifest, save_audio
+from utils import ManifestRow, UserError, load_audio, mel_spectrogram, read_manifest, run_cli, save_audio
 
 GROUND_TRUTH = "ground truth"
 GRIFFIN_LIM = "griffin_lim"
@@ -338,8 +337,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from tacotron2 import Tacotron2, load_tacotron2, text_to_sequence
 from tacotron2.model import padding_mask
 from tacotron2.train import collate, stored_audio
-from utils import UserError, db_mel_to_log_mel, load_audio, log_mel_to_db_mel, mel_spectrogram, read_manifest
+from utils import UserError, db_mel_to_log_mel, load_audio, log_mel_to_db_mel, mel_spectrogram, read_manifest, run_cli
 
 # DESIGN.md §1's mel: the official HiFi-GAN's and NVIDIA's Tacotron2's.
 DEFAULT_AUDIO = dict(sampling_rate=22050, num_mels=80, n_fft=1024, window_size=1024, hop_size=256, fmin=0.0,
@@ -226,8 +226,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

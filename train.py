@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from model import (
     mel_loss,
     save_generator,
 )
-from utils import UserError, mel_spectrogram
+from utils import UserError, mel_spectrogram, run_cli
 
 VALIDATION_CHUNK_FRAMES = 1024  # about 12 s of 22 kHz audio per generator call
 
@@ -252,6 +251,20 @@ def find_resume_checkpoint(value: str, run_dir: Path) -> Path | None:
     for partial in run_dir.glob(".tmp_checkpoint_*"):
         print(f"ignoring incomplete checkpoint {partial} (the run was killed while writing it)")
     return checkpoints[-1] if checkpoints else None
+
+
+def resume(accelerator: Accelerator, resume_from: str | None, run_dir: Path) -> TrainState:
+    """Restore models, optimisers, schedulers and RNG from `latest` or a checkpoint folder; the step and epoch."""
+    if not resume_from:
+        return TrainState()
+    checkpoint = find_resume_checkpoint(resume_from, run_dir)
+    if checkpoint is None:
+        accelerator.print(f"no checkpoint in {run_dir} yet; starting from scratch")
+        return TrainState()
+    load_training_state(accelerator, checkpoint)
+    state = TrainState(**json.loads((checkpoint / "train_state.json").read_text()))
+    accelerator.print(f"resumed from {checkpoint} at step {state.step}, epoch {state.epoch}")
+    return state
 
 
 def load_training_state(accelerator: Accelerator, checkpoint: Path) -> None:
@@ -492,16 +505,7 @@ def main(argv: list[str] | None = None) -> Generator:
     # DDP average gradients across processes.
     generator, mpd, msd, optim_g, optim_d, scheduler_g, scheduler_d, train_loader = accelerator.prepare(
         generator, mpd, msd, optim_g, optim_d, scheduler_g, scheduler_d, train_loader)
-    state = TrainState()
-
-    if args.resume_from_checkpoint:
-        checkpoint = find_resume_checkpoint(args.resume_from_checkpoint, run_dir)
-        if checkpoint is None:
-            accelerator.print(f"no checkpoint in {run_dir} yet; starting from scratch")
-        else:
-            load_training_state(accelerator, checkpoint)
-            state = TrainState(**json.loads((checkpoint / "train_state.json").read_text()))
-            accelerator.print(f"resumed from {checkpoint} at step {state.step}, epoch {state.epoch}")
+    state = resume(accelerator, args.resume_from_checkpoint, run_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
@@ -613,8 +617,4 @@ def main(argv: list[str] | None = None) -> Generator:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

@@ -11,7 +11,9 @@ import csv
 import functools
 import math
 import os
+import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,16 @@ import torch.nn.functional as F
 
 class UserError(Exception):
     """A problem with the user's input (a file, a flag). Entry points print its one-line message and exit 1."""
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """A script's entry point: a UserError ends it with its message and exit status 1, not a traceback."""
+    try:
+        result = main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 # ---------------------------------------------------------------------------------------------

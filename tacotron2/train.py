@@ -48,12 +48,11 @@ from train import (
     TrainState,
     check_launch,
     complete_checkpoints,
-    find_resume_checkpoint,
-    load_training_state,
+    resume,
     setup_trackers,
     start_trackers,
 )
-from utils import UserError, load_audio, mel_spectrogram, read_manifest, save_audio
+from utils import UserError, load_audio, mel_spectrogram, read_manifest, run_cli, save_audio
 
 # ---------------------------------------------------------------------------------------------
 # Flags (the seed tutorial's train_taco.sh names, mapped onto NVIDIA's Tacotron2Config in build_config)
@@ -455,16 +454,7 @@ def main(argv: list[str] | None = None) -> Tacotron2:
                                                   lambda step: math.exp(decay * min(step / max(max_steps, 1), 1.0)))
     # Every module goes through prepare and the loop calls the *prepared* model, so DDP averages the gradients.
     model, optimizer, scheduler, train_loader = accelerator.prepare(model, optimizer, scheduler, train_loader)
-    state = TrainState()
-
-    if args.resume_from_checkpoint:
-        checkpoint = find_resume_checkpoint(args.resume_from_checkpoint, run_dir)
-        if checkpoint is None:
-            accelerator.print(f"no checkpoint in {run_dir} yet; starting from scratch")
-        else:
-            load_training_state(accelerator, checkpoint)
-            state = TrainState(**json.loads((checkpoint / "train_state.json").read_text()))
-            accelerator.print(f"resumed from {checkpoint} at step {state.step}, epoch {state.epoch}")
+    state = resume(accelerator, args.resume_from_checkpoint, run_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
     report_to = start_trackers(accelerator, report_to, args.run_name or args.experiment_name, run_dir, vars(args))
@@ -567,8 +557,4 @@ def main(argv: list[str] | None = None) -> Tacotron2:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)
