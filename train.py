@@ -395,6 +395,15 @@ def validate(generator: Generator, loader: DataLoader, config: HifiGanConfig, de
 # Training
 # ---------------------------------------------------------------------------------------------
 
+def step_if_finite(accelerator: Accelerator, optimizer: torch.optim.Optimizer, finite: bool) -> None:
+    if finite:
+        optimizer.step()
+    elif accelerator.scaler is not None:
+        # fp16: step() is what updates the GradScaler; skipping it must still lower the loss scale, or the
+        # next unscale_ finds the scaler stale and fails.
+        accelerator.scaler.update()
+
+
 def train_step(accelerator: Accelerator, generator: torch.nn.Module, mpd: torch.nn.Module, msd: torch.nn.Module,
                optim_g: torch.optim.Optimizer, optim_d: torch.optim.Optimizer, mel: torch.Tensor, audio: torch.Tensor,
                loss_mel_target: torch.Tensor, mel_kwargs_loss: dict, lambda_mel: float = 45.0,
@@ -418,8 +427,7 @@ def train_step(accelerator: Accelerator, generator: torch.nn.Module, mpd: torch.
     accelerator.backward(loss_disc)
     grad_norm_d = accelerator.clip_grad_norm_(itertools.chain(mpd.parameters(), msd.parameters()), math.inf)
     discriminator_stepped = bool(torch.isfinite(loss_disc.detach()) & torch.isfinite(grad_norm_d))
-    if discriminator_stepped:
-        optim_d.step()
+    step_if_finite(accelerator, optim_d, discriminator_stepped)
 
     # Generator step: adversarial + feature matching + mel L1, through the just-updated discriminators.
     # Their own gradients from this pass are thrown away (zeroed before the next discriminator step),
@@ -436,8 +444,7 @@ def train_step(accelerator: Accelerator, generator: torch.nn.Module, mpd: torch.
         accelerator.backward(loss_gen)
     grad_norm_g = accelerator.clip_grad_norm_(generator.parameters(), math.inf)
     generator_stepped = bool(torch.isfinite(loss_gen.detach()) & torch.isfinite(grad_norm_g))
-    if generator_stepped:
-        optim_g.step()
+    step_if_finite(accelerator, optim_g, generator_stepped)
     optim_g.zero_grad(set_to_none=True)
     return {"loss_generator": loss_gen.detach(), "loss_discriminator": loss_disc.detach(),
             "loss_mel": loss_mel.detach(), "loss_feature_matching": loss_fm.detach(),

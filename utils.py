@@ -124,7 +124,8 @@ def load_audio(path: str | os.PathLike, sampling_rate: int, peak: float | None =
         audio, file_rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as error:  # soundfile raises several types for missing/corrupt files
         raise UserError(f"cannot read audio file {path}: {error}. Check the path, or convert it to wav/flac.") from None
-    audio = audio.mean(axis=1)
+    # Before resampling: librosa refuses non-finite input.
+    audio = np.nan_to_num(audio.mean(axis=1), nan=0.0, posinf=0.0, neginf=0.0)
     if file_rate != sampling_rate:
         if (file_rate, sampling_rate) not in _warned_resample:
             _warned_resample.add((file_rate, sampling_rate))
@@ -132,7 +133,6 @@ def load_audio(path: str | os.PathLike, sampling_rate: int, peak: float | None =
                           f"(said once for every {file_rate} Hz file)", stacklevel=2)
         import librosa
         audio = librosa.resample(audio, orig_sr=file_rate, target_sr=sampling_rate).astype(np.float32)
-    audio = np.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0)
     if peak is not None:
         # Normalise by the *absolute* maximum: a clip whose loudest sample is negative must not be
         # scaled past full scale (the seed normalised by max(), which lets -1.3 through).

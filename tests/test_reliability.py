@@ -18,6 +18,8 @@ import torch
 from conftest import REPO, TINY_CONFIG, TINY_FLAGS, synth_clip, write_corpus
 from safetensors.torch import load_file
 
+from utils import mel_spectrogram
+
 sys.path.insert(0, str(REPO))
 from model import load_generator
 from utils import UserError
@@ -64,9 +66,9 @@ def bad_corpus(tmp_path_factory):
     (wavs / "empty.wav").write_bytes(b"")
     sf.write(wavs / "zero_samples.wav", np.zeros(0, np.float32), 22050)
     sf.write(wavs / "too_short.wav", synth_clip(0.005), 22050)  # 110 samples < one hop
-    nan_clip = synth_clip(0.5)
-    nan_clip[::7] = np.nan
-    sf.write(wavs / "nan.wav", nan_clip, 22050, subtype="FLOAT")
+    nan_clip = synth_clip(0.5, sampling_rate=44100)  # another rate too: resampling must not choke on NaN
+    nan_clip[::7], nan_clip[3::11], nan_clip[5::13] = np.nan, np.inf, -np.inf
+    sf.write(wavs / "nan.wav", nan_clip, 44100, subtype="FLOAT")
     sf.write(wavs / "silent.wav", np.zeros(11025, np.float32), 22050)
     rows = ["corrupt", "empty", "zero_samples", "too_short", "nan", "silent", "missing"]
     with open(train, "a") as handle:
@@ -108,6 +110,38 @@ def test_dataset_items_of_nan_silent_and_short_audio_are_finite(bad_corpus):
     dataset = MelDataset(short, HifiGanConfig(), 2048, train=False)
     mel, audio, loss_mel = dataset[0]
     assert mel.shape == (80, 1) and len(audio) == 256 and torch.isfinite(loss_mel).all()
+
+
+def test_nonfinite_steps_under_an_fp16_grad_scaler_leave_weights_and_lower_the_scale(monkeypatch):
+    # fp16 needs a GPU for accelerate to make its GradScaler; give the CPU one the same scaler by hand.
+    import accelerate
+    from accelerate.state import AcceleratorState, GradientState
+
+    import train
+    from model import Generator, MultiPeriodDiscriminator, MultiScaleDiscriminator
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = accelerate.Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    generator = Generator(TINY_CONFIG)
+    mpd, msd = MultiPeriodDiscriminator((2, 3), 8), MultiScaleDiscriminator(8)
+    optim_g = torch.optim.AdamW(generator.parameters(), 1e-3)
+    optim_d = torch.optim.AdamW([*mpd.parameters(), *msd.parameters()], 1e-3)
+    generator, mpd, msd, optim_g, optim_d = accelerator.prepare(generator, mpd, msd, optim_g, optim_d)
+    accelerator.native_amp, accelerator.state._mixed_precision = True, "fp16"  # so that it unscales as on a GPU
+    before = {k: v.clone() for k, v in generator.state_dict().items()}
+    audio = torch.from_numpy(synth_clip(2048 / 22050)).unsqueeze(0)
+    mel = mel_spectrogram(audio, **TINY_CONFIG.mel_kwargs())
+    monkeypatch.setattr(train, "mel_loss", lambda a, b: (a - b).abs().mean() * float("nan"))  # NaN gradients
+    for _ in range(2):  # twice: the second step must not find the scaler stale
+        result = train.train_step(accelerator, generator, mpd, msd, optim_g, optim_d, mel, audio, mel,
+                                  TINY_CONFIG.mel_kwargs(for_loss=True))
+        assert not result["generator_stepped"]
+    changed = [k for k, v in generator.state_dict().items() if not torch.equal(before[k], v)]
+    assert not changed, (changed, accelerator.scaler.get_scale())
+    assert accelerator.scaler.get_scale() < 2.0**16
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
 def test_ten_minute_validation_clip_is_validated_in_bounded_chunks(tmp_path):
