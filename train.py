@@ -176,6 +176,18 @@ class TrainState:
     """Where the run is. Saved as JSON beside accelerate's state: resuming never unpickles it."""
     step: int = 0
     epoch: int = 0
+    # The step at which this epoch began and the clips per step (all processes): a run resumed with another
+    # batch size or process count still skips exactly the clips of this epoch it has seen. None in older files.
+    epoch_start_step: int | None = None
+    global_batch_size: int | None = None
+
+    def start_epoch_at(self, steps_per_epoch: int, global_batch_size: int) -> int:
+        """How many batches of this epoch were already done (0 unless resumed mid-epoch), in today's batches."""
+        start = self.epoch * steps_per_epoch if self.epoch_start_step is None else self.epoch_start_step
+        clips_done = (self.step - start) * (self.global_batch_size or global_batch_size)
+        done = min(clips_done // global_batch_size, steps_per_epoch)
+        self.epoch_start_step, self.global_batch_size = self.step - done, global_batch_size
+        return done
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -253,7 +265,8 @@ def find_resume_checkpoint(value: str, run_dir: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def resume(accelerator: Accelerator, resume_from: str | None, run_dir: Path) -> TrainState:
+def resume(accelerator: Accelerator, resume_from: str | None, run_dir: Path, config: dict | None = None
+           ) -> TrainState:
     """Restore models, optimisers, schedulers and RNG from `latest` or a checkpoint folder; the step and epoch."""
     if not resume_from:
         return TrainState()
@@ -261,25 +274,37 @@ def resume(accelerator: Accelerator, resume_from: str | None, run_dir: Path) -> 
     if checkpoint is None:
         accelerator.print(f"no checkpoint in {run_dir} yet; starting from scratch")
         return TrainState()
-    load_training_state(accelerator, checkpoint)
+    load_training_state(accelerator, checkpoint, config)
     state = TrainState(**json.loads((checkpoint / "train_state.json").read_text()))
     accelerator.print(f"resumed from {checkpoint} at step {state.step}, epoch {state.epoch}")
     return state
 
 
-def load_training_state(accelerator: Accelerator, checkpoint: Path) -> None:
-    """accelerator.load_state, with one clear line when the checkpoint is not this run's (other flags, old format)."""
+def load_training_state(accelerator: Accelerator, checkpoint: Path, config: dict | None = None) -> None:
+    """accelerator.load_state, with one clear line when the checkpoint is not this run's (other flags, old format):
+    the first mismatched tensor and, given this run's model `config`, the settings the checkpoint was made with."""
     try:
         accelerator.load_state(str(checkpoint))
     except (RuntimeError, KeyError, ValueError, FileNotFoundError) as error:
-        reason = str(error).strip().splitlines()[0][:200]
-        raise UserError(f"cannot resume from {checkpoint}: it does not fit this run's models ({reason}). Resume with "
+        lines = [line.strip() for line in str(error).strip().splitlines()] or [type(error).__name__]
+        detail = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))),
+                      lines[0])[:200]
+        saved_config = checkpoint / "config.json"
+        if config is not None and saved_config.exists():
+            saved, current = json.loads(saved_config.read_text()), json.loads(json.dumps(config))  # tuples -> lists
+            changed = [f"{key} {saved[key]} (now {value})" for key, value in current.items()
+                       if key in saved and saved[key] != value]
+            if changed:
+                detail += "; it was trained with " + ", ".join(changed)
+        raise UserError(f"cannot resume from {checkpoint}: it does not fit this run's models ({detail}). Resume with "
                         "the flags it was trained with, or start afresh under another --experiment_name") from error
 
 
 def load_pretrained(path: str, generator: Generator, mpd: torch.nn.Module, msd: torch.nn.Module) -> str:
-    """Start weights for --finetune: a checkpoint of this repo, a generator export, or official g_/do_ files."""
+    """Start weights for --finetune: a run or checkpoint of this repo, a generator export, or official g_/do_ files."""
     path = Path(path)
+    if path.is_dir() and not (path / "model.safetensors").exists() and complete_checkpoints(path):
+        path = complete_checkpoints(path)[-1]  # a run folder: its newest checkpoint has the discriminators too
     if path.is_dir() and (path / "model.safetensors").exists():  # a checkpoint_<step> folder of this repo
         from safetensors.torch import load_file
         # accelerate numbers the models in the order train.py prepares them: generator, mpd, msd.
@@ -512,7 +537,7 @@ def main(argv: list[str] | None = None) -> Generator:
     # DDP average gradients across processes.
     generator, mpd, msd, optim_g, optim_d, scheduler_g, scheduler_d, train_loader = accelerator.prepare(
         generator, mpd, msd, optim_g, optim_d, scheduler_g, scheduler_d, train_loader)
-    state = resume(accelerator, args.resume_from_checkpoint, run_dir)
+    state = resume(accelerator, args.resume_from_checkpoint, run_dir, config.to_dict())
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
@@ -545,7 +570,8 @@ def main(argv: list[str] | None = None) -> Generator:
         epoch = state.epoch
         train_set.set_epoch(epoch)
         train_loader.set_epoch(epoch)
-        skip = state.step - epoch * steps_per_epoch  # resumed mid-epoch: skip the batches already seen
+        # resumed mid-epoch: skip the batches already seen
+        skip = state.start_epoch_at(steps_per_epoch, args.batch_size * accelerator.num_processes)
         loader = accelerator.skip_first_batches(train_loader, skip) if skip > 0 else train_loader
         fetch_start = time.perf_counter()
         for mel, audio, loss_mel in loader:
@@ -573,7 +599,7 @@ def main(argv: list[str] | None = None) -> Generator:
                                 "train/nonfinite_steps": nonfinite_total, "train/epoch": epoch})
                 if state.step % args.wandb_log_iters == 0:
                     accelerator.log(scalars, step=state.step)
-                if state.step % args.console_out_iters == 0:
+                if state.step % args.console_out_iters == 0 and accelerator.is_main_process:  # tqdm.write ignores
                     progress.set_postfix(mel=f"{scalars['train/loss_mel']:.3f}",
                                          gen=f"{scalars['train/loss_generator']:.2f}",
                                          disc=f"{scalars['train/loss_discriminator']:.2f}")
@@ -599,7 +625,7 @@ def main(argv: list[str] | None = None) -> Generator:
             fetch_start = time.perf_counter()
         else:
             # The epoch ran to its end: decay the learning rate once, as the official recipe does.
-            state.epoch += 1
+            state.epoch, state.epoch_start_step = state.epoch + 1, state.step
             scheduler_g.step()
             scheduler_d.step()
             if state.epoch % args.checkpoint_epochs == 0 and state.epoch < total_epochs:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tacotron2.text import text_to_sequence
 from utils import UserError
 
 
@@ -392,13 +393,14 @@ class Tacotron2(nn.Module):
         return mel, mel_postnet, gate, alignments
 
     @torch.no_grad()
-    def infer(self, tokens: torch.Tensor | Sequence[int], max_decoder_steps: int | None = None,
-              gate_threshold: float | None = None
+    def infer(self, tokens: str | torch.Tensor | Sequence[int], max_decoder_steps: int | None = None,
+              gate_threshold: float | None = None, cleaners: Sequence[str] = ("english_cleaners",)
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Synthesise one utterance autoregressively (call `.eval()` first, as for any inference).
 
         Args:
-            tokens: symbol ids, [T_in] or [1, T_in] (a tensor or a list from `text_to_sequence`).
+            tokens: the text itself (a `str`, which goes through `text_to_sequence` with `cleaners`, NVIDIA's
+                English front end by default), or symbol ids, [T_in] or [1, T_in] (a tensor or a list).
             max_decoder_steps, gate_threshold: override the config's. Decoding stops at the first
                 frame whose stop probability exceeds `gate_threshold`; if that never happens it stops
                 after `max_decoder_steps` frames with a RuntimeWarning (the audio is then cut off or
@@ -412,6 +414,10 @@ class Tacotron2(nn.Module):
         repeatability.
         """
         device = self.embedding.weight.device
+        if isinstance(tokens, str):
+            text, tokens = tokens, text_to_sequence(tokens, cleaners)
+            if not tokens:
+                raise UserError(f"the text {text!r} has no symbol Tacotron2 knows once cleaned")
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=device)
         if tokens.dim() == 1:
             tokens = tokens[None]

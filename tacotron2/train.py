@@ -52,7 +52,7 @@ from train import (
     setup_trackers,
     start_trackers,
 )
-from utils import UserError, load_audio, mel_spectrogram, read_manifest, run_cli, save_audio
+from utils import UserError, check_audio_files, load_audio, mel_spectrogram, read_manifest, run_cli, save_audio
 
 # ---------------------------------------------------------------------------------------------
 # Flags (the seed tutorial's train_taco.sh names, mapped onto NVIDIA's Tacotron2Config in build_config)
@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--batch_size", type=int, default=32, help="per process")
     add("--num_workers", type=int, default=4)
     add("--seed", type=int, default=1234)
+    add("--skip_bad_files", action="store_true",
+        help="drop manifest rows that fail the start-up checks (audio missing, unreadable, empty or shorter than a "
+             "hop; no transcript) instead of stopping; says how many")
     # Optimisation
     add("--learning_rate", type=float, default=1e-3)
     add("--min_learning_rate", type=float, default=1e-5,
@@ -93,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--weight_decay", type=float, default=1e-6, help="Adam's L2 penalty (NVIDIA's 1e-6)")
     add("--adam_eps", type=float, default=1e-6)
     add("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
+    add("--max_nonfinite_steps", type=int, default=20,
+        help="stop (after saving the last good state) when this many steps in a row had a non-finite loss or "
+             "gradient (0: never stop)")
     # Model
     add("--character_embed_dim", type=int, default=512, help="symbols_embedding_dim")
     add("--encoder_kernel_size", type=int, default=5)
@@ -173,22 +179,45 @@ def audio_config(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 class TextMelDataset(Dataset):
-    """Items are (tokens [T_in] long, mel [num_mels, len(audio) // hop_size]) for each row of a manifest."""
+    """Items are (tokens [T_in] long, mel [num_mels, len(audio) // hop_size]) for each row of a manifest.
 
-    def __init__(self, manifest: str | os.PathLike, audio: dict) -> None:
-        self.rows = read_manifest(manifest)
+    Every row is checked at start-up, not hours into training: its audio (exists, readable, not empty, at least one
+    hop long: utils.check_audio_files, as the vocoder's MelDataset) and its transcript (present, with at least one
+    symbol once cleaned). All bad rows are reported in one UserError naming the manifest; with `skip_bad_files` they
+    are dropped instead and counted in a warning (`quiet` leaves that to another process of the run).
+    """
+
+    def __init__(self, manifest: str | os.PathLike, audio: dict, skip_bad_files: bool = False,
+                 quiet: bool = False) -> None:
+        rows = read_manifest(manifest, check_files=False)
         self.audio = audio
-        # Transcripts are checked and encoded now, at start-up, not hours into training.
-        self.tokens = []
-        for row in self.rows:
-            if not (row.transcript or "").strip():
-                raise UserError(f"{manifest}, line {row.line}: no transcript for {row.audio_path}; Tacotron2 needs a "
-                                "'normalized_transcript' column (prep_splits.py writes it): fill it in or drop the row")
-            tokens = text_to_sequence(row.transcript)
-            if not tokens:
-                raise UserError(f"{manifest}, line {row.line}: the transcript {row.transcript!r} has no symbol "
-                                "Tacotron2 knows once cleaned; fix or drop the row")
-            self.tokens.append(torch.tensor(tokens, dtype=torch.long))
+        reasons: dict[int, list[str]] = {}
+        for row, reason in check_audio_files(rows, min_seconds=audio["hop_size"] / audio["sampling_rate"]):
+            reasons.setdefault(id(row), []).append(f"{row.audio_path}: {reason}")
+        self.rows, self.tokens = [], []
+        for row in rows:
+            tokens = text_to_sequence(row.transcript) if (row.transcript or "").strip() else None
+            if tokens is None:
+                reasons.setdefault(id(row), []).append(
+                    f"no transcript for {row.audio_path} (Tacotron2 needs a 'normalized_transcript' column, "
+                    "which prep_splits.py writes)")
+            elif not tokens:
+                reasons.setdefault(id(row), []).append(
+                    f"the transcript {row.transcript!r} has no symbol Tacotron2 knows once cleaned")
+            if id(row) not in reasons:
+                self.rows.append(row)
+                self.tokens.append(torch.tensor(tokens, dtype=torch.long))
+        bad = [f"line {row.line}: {'; '.join(reasons[id(row)])}" for row in rows if id(row) in reasons]
+        if bad and not skip_bad_files:
+            if len(bad) == 1:
+                raise UserError(f"{manifest}, {bad[0]}; fix the row, or pass --skip_bad_files to drop it")
+            raise UserError(f"{len(bad)} bad rows in {manifest} (fix them, or pass --skip_bad_files to drop them):"
+                            "\n  " + "\n  ".join(bad))
+        if bad and not quiet:
+            warnings.warn(f"--skip_bad_files: dropped {len(bad)} bad rows of {manifest}, kept {len(self.rows)}:\n  "
+                          + "\n  ".join(bad), stacklevel=2)
+        if not self.rows:
+            raise UserError(f"no usable rows left in {manifest}")
         # Build the mel filter bank in the main process: DataLoader workers forked later inherit the cache.
         mel_spectrogram(torch.zeros(audio["n_fft"]), **audio)
 
@@ -418,8 +447,9 @@ def main(argv: list[str] | None = None) -> Tacotron2:
                       f"mixed precision {accelerator.mixed_precision}; {args.mel_scale} mel")
 
     # Data
-    train_set = TextMelDataset(args.path_to_train_manifest, audio)
-    val_set = TextMelDataset(args.path_to_val_manifest, audio)
+    quiet = not accelerator.is_main_process  # the other processes check the same rows: one report is enough
+    train_set = TextMelDataset(args.path_to_train_manifest, audio, args.skip_bad_files, quiet)
+    val_set = TextMelDataset(args.path_to_val_manifest, audio, args.skip_bad_files, quiet)
     pin = accelerator.device.type == "cuda"
     # The loader draws its seeds from a generator of its own, not the global one that the prenet's dropout uses:
     # a resumed run starts its iterator mid-epoch, and must not shift the dropout masks by doing so.
@@ -477,15 +507,19 @@ def main(argv: list[str] | None = None) -> Tacotron2:
 
     progress = tqdm(total=max_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train",
                     dynamic_ncols=True)
-    last_log_time, last_log_step, skipped_steps = time.perf_counter(), state.step, 0
+    last_log_time, last_log_step, skipped_steps, nonfinite_in_a_row = time.perf_counter(), state.step, 0, 0
     saved_step = None  # the step of the last checkpoint this run wrote
     stop_signal, interrupted = StopSignal(), False  # SIGTERM/Ctrl-C: finish the step, save, exit
-    while state.step < max_steps and not interrupted:
+    stop_reason = None  # too many non-finite steps in a row
+    while state.step < max_steps and not interrupted and stop_reason is None:
         epoch = state.epoch
         train_loader.set_epoch(epoch)
-        skip = state.step - epoch * steps_per_epoch  # resumed mid-epoch: skip the batches already seen
+        # resumed mid-epoch: skip the batches already seen
+        skip = state.start_epoch_at(steps_per_epoch, args.batch_size * accelerator.num_processes)
         loader = accelerator.skip_first_batches(train_loader, skip) if skip > 0 else train_loader
         for text, text_lengths, mel, gate, output_lengths in loader:
+            # The batch norms' running statistics, which the forward pass updates: put back if the step is skipped.
+            buffers = [buffer.detach().clone() for buffer in model.buffers()]
             mel_out, mel_postnet, gate_out, _ = model(text, text_lengths, mel, output_lengths)
             loss, loss_mel, loss_postnet, loss_gate = tacotron2_loss(mel_out, mel_postnet, gate_out, mel, gate,
                                                                      output_lengths)
@@ -493,13 +527,20 @@ def main(argv: list[str] | None = None) -> Tacotron2:
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0
                                                     else math.inf)
-            # A non-finite gradient would poison the weights: skip the step. Gradients are all-reduced, so every
+            # A non-finite gradient (which a non-finite loss gives) would poison the weights: skip the step, leaving
+            # weights, batch-norm statistics and optimiser state as they were. Gradients are all-reduced, so every
             # process takes the same decision.
             if torch.isfinite(grad_norm):
                 optimizer.step()
+                nonfinite_in_a_row = 0
             else:
+                with torch.no_grad():
+                    for buffer, saved in zip(model.buffers(), buffers):
+                        buffer.copy_(saved)
                 skipped_steps += 1
-                accelerator.print(f"step {state.step + 1}: non-finite gradient, optimiser step skipped")
+                nonfinite_in_a_row += 1
+                accelerator.print(f"step {state.step + 1}: non-finite loss or gradient, optimiser step skipped "
+                                  f"({nonfinite_in_a_row} in a row)")
             scheduler.step()
             state.step += 1
             progress.update(1)
@@ -514,7 +555,8 @@ def main(argv: list[str] | None = None) -> Tacotron2:
                            "train/epoch": epoch}
                 if state.step % args.wandb_log_iters == 0:
                     accelerator.log(scalars, step=state.step)
-                if state.step % args.console_out_iters == 0:
+                if state.step % args.console_out_iters == 0 and accelerator.is_main_process:
+                    # tqdm.write is a class method that ignores disable=: without the guard every process prints.
                     progress.set_postfix(loss=f"{scalars['train/loss']:.4f}")
                     progress.write(f"step {state.step} epoch {epoch}: loss {scalars['train/loss']:.4f} "
                                    f"(mel {scalars['train/loss_mel']:.4f}, post-net "
@@ -523,6 +565,11 @@ def main(argv: list[str] | None = None) -> Tacotron2:
                                    f"{steps_per_second:.2f} steps/s")
                 last_log_time, last_log_step = now, state.step
 
+            if 0 < args.max_nonfinite_steps <= nonfinite_in_a_row:
+                # The skipped steps left weights and optimiser state untouched: what gets saved is the last good state.
+                stop_reason = (f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (the last at "
+                               f"step {state.step}); saved the last good state")
+                break
             if args.checkpoint_steps and state.step % args.checkpoint_steps == 0:
                 save_checkpoint(accelerator, run_dir, state, model, audio, args.keep_last_checkpoints)
                 saved_step = state.step
@@ -533,7 +580,7 @@ def main(argv: list[str] | None = None) -> Tacotron2:
             if state.step >= max_steps:
                 break
         else:
-            state.epoch += 1
+            state.epoch, state.epoch_start_step = state.epoch + 1, state.step
             if state.epoch % args.checkpoint_epochs == 0 and state.step < max_steps:
                 save_checkpoint(accelerator, run_dir, state, model, audio, args.keep_last_checkpoints)
                 saved_step = state.step
@@ -542,6 +589,11 @@ def main(argv: list[str] | None = None) -> Tacotron2:
     final = run_dir / f"checkpoint_{state.step}"
     if saved_step != state.step:
         save_checkpoint(accelerator, run_dir, state, model, audio, args.keep_last_checkpoints)
+    if stop_reason is not None:
+        accelerator.end_training()
+        raise UserError(f"{stop_reason} in {final}. Try a lower --learning_rate or --grad_clip with "
+                        "--resume_from_checkpoint latest, or check the data (transcripts that do not match their "
+                        "audio, clipped or corrupt wavs)")
     if interrupted:
         accelerator.print(f"stopped by {stop_signal.received or 'a signal on another process'} after step "
                           f"{state.step}; saved {final}. Continue with --resume_from_checkpoint latest")

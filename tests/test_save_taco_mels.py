@@ -56,7 +56,7 @@ def run(*argv: str) -> int:
     return save_taco_mels.main([str(a) for a in argv])
 
 
-def test_writes_teacher_forced_mels_aligned_with_their_audio_and_skips_them_on_rerun(tmp_path, capsys):
+def test_writes_teacher_forced_mels_aligned_with_their_audio_skips_them_on_rerun_or_overwrites(tmp_path, capsys):
     manifest = write_corpus(tmp_path, 5, name="clips")  # 0.6 .. 0.8 s: different lengths in each batch
     weights = tiny_tacotron2(tmp_path / "taco")
     out = tmp_path / "mels"
@@ -75,13 +75,32 @@ def test_writes_teacher_forced_mels_aligned_with_their_audio_and_skips_them_on_r
         assert not torch.allclose(torch.from_numpy(mel), ground_truth, atol=0.5)  # the model's, not a copy
     assert sorted(p.name for p in out.iterdir()) == [f"clips_{i:03d}.npy" for i in range(5)]  # no temporaries
 
-    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    def files() -> dict[str, tuple[int, int, bytes]]:
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+
+    written = files()
+    # A file that is not what this model would write: a rerun must leave it alone unless told to --overwrite.
+    tampered = out / "clips_004.npy"
+    np.save(tampered, np.zeros((80, 3), np.float32))
+    before = files()
     assert run("--path_to_manifest", manifest, "--path_to_save", out, "--taco_weights", weights) == 0
     assert "wrote 0, skipped 5, failed 0" in capsys.readouterr().out
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    assert files() == before  # same files, times and bytes: nothing was rewritten
     (out / "clips_002.npy").unlink()  # an interrupted run: only the missing clip is redone
     assert run("--path_to_manifest", manifest, "--path_to_save", out, "--taco_weights", weights) == 0
     assert "wrote 1, skipped 4, failed 0" in capsys.readouterr().out
+    assert np.load(tampered).shape == (80, 3)
+
+    before = files()
+    assert run("--path_to_manifest", manifest, "--path_to_save", out, "--taco_weights", weights, "--overwrite",
+               "--batch_size", "2") == 0
+    assert "wrote 5, skipped 0, failed 0" in capsys.readouterr().out
+    after = files()
+    assert sorted(after) == sorted(before)
+    # Every file replaced (written afresh and renamed into place), with the model's mels again.
+    assert all(after[name][0] != before[name][0] for name in after)
+    assert after[tampered.name][2] == written[tampered.name][2]
+    assert all(after[name][2] == written[name][2] for name in written if name != "clips_002.npy")
 
 
 def test_failed_rows_are_named_and_counted_while_the_rest_are_written_on_two_processes(tmp_path):

@@ -215,6 +215,63 @@ def test_infer_stops_when_the_gate_fires():
     assert mel.shape == (1, 8, 1)
 
 
+def never_stopping(**overrides) -> Tacotron2:
+    """A tiny model in eval mode whose stop token never fires, so that infer runs to max_decoder_steps."""
+    model = tiny_model(**overrides).eval()
+    with torch.no_grad():
+        model.decoder.gate_layer.linear_layer.bias.fill_(-30.0)
+    return model
+
+
+def test_infer_takes_text_through_the_english_front_end():
+    model = never_stopping(max_decoder_steps=4)
+    text = "Dr. Smith paid $5."
+    tokens = text_to_sequence(text)  # english_cleaners: "doctor smith paid five dollars."
+    outputs = {}
+    with pytest.warns(RuntimeWarning, match="max_decoder_steps"):
+        for name, given in (("text", text), ("ids", tokens), ("tensor", torch.tensor([tokens]))):
+            torch.manual_seed(3)  # the prenet's dropout is random: same seed, same masks
+            outputs[name] = model.infer(given)
+    assert outputs["text"][3].shape == (1, 4, len(tokens))  # attention over the cleaned text's symbols
+    for name in ("ids", "tensor"):
+        for a, b in zip(outputs["text"], outputs[name]):
+            assert torch.equal(a, b), name
+    # Other cleaners on request; text with nothing speakable is the user's error, said plainly.
+    with pytest.warns(RuntimeWarning):
+        alignments = model.infer(text, cleaners=("basic_cleaners",))[3]
+    assert alignments.shape[2] == len(text_to_sequence(text, ("basic_cleaners",))) != len(tokens)
+    with pytest.raises(UserError, match="has no symbol"):
+        model.infer("日本語")
+
+
+def test_prenet_dropout_stays_on_in_eval_mode():
+    """NVIDIA's behaviour (and the paper's): the prenet drops out at inference too, so after eval() the seed still
+    matters for the teacher-forced decoder and for infer, and only through the prenet."""
+    text, mels = torch.randint(1, 148, (1, 6)), torch.randn(1, 8, 7)
+
+    def decode(model: Tacotron2, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            teacher_forced = model(text, torch.tensor([6]), mels)[1]
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # it runs to max_decoder_steps on purpose
+            inferred = model.infer(text, max_decoder_steps=6)[1]
+        return teacher_forced, inferred
+
+    model = never_stopping()
+    assert not model.training and not model.decoder.prenet.training
+    first, again, other = decode(model, 1), decode(model, 1), decode(model, 2)
+    for a, b, c in zip(first, again, other):
+        assert torch.equal(a, b)  # same seed: identical
+        assert not torch.allclose(a, c)  # another seed: other prenet masks, other mels
+    # With the prenet's dropout at 0, eval mode is deterministic: the encoder, attention, decoder and post-net
+    # dropouts are off, as usual.
+    model = never_stopping(prenet_dropout=0.0)
+    for a, c in zip(decode(model, 1), decode(model, 2)):
+        assert torch.equal(a, c)
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------

@@ -117,20 +117,57 @@ def test_dataset_targets_are_the_repo_mel_of_each_wav(tmp_path):
     assert torch.allclose(db_mel_to_log_mel(db)[inside], mel[inside], atol=1e-3)
 
 
-def test_rows_without_a_usable_transcript_stop_the_script_at_startup(tmp_path):
-    manifest = write_corpus(tmp_path, 3, seconds=0.3, name="bad")
-    lines = manifest.read_text().splitlines()
-    lines[2] = lines[2].split(",")[0] + ","  # line 3 of the file: no transcript
-    manifest.write_text("\n".join(lines) + "\n")
+def corpus_with_bad_rows(folder: Path, *bad: str, good: int = 3) -> Path:
+    """`good` clips, then rows appended for: "corrupt" (a wav with a broken header), "missing" (no such file),
+    "short" (100 samples, under one hop), "untranscribed" (a good wav with an empty transcript), "unspeakable"
+    (a transcript with nothing left once cleaned)."""
+    manifest = write_corpus(folder, good, seconds=0.3, name="clips")
+    (folder / "wavs" / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk")
+    sf.write(folder / "wavs" / "short.wav", torch.zeros(100).numpy(), 22050)
+    rows = {"corrupt": "wavs/corrupt.wav,a broken file", "missing": "wavs/missing.wav,not there",
+            "short": "wavs/short.wav,too short", "untranscribed": "wavs/clips_000.wav,",
+            "unspeakable": "wavs/clips_001.wav,日本語"}
+    with open(manifest, "a") as handle:
+        handle.writelines(rows[name] + "\n" for name in bad)
+    return manifest
+
+
+def test_a_bad_row_stops_the_script_at_startup_with_one_line(tmp_path):
+    manifest = corpus_with_bad_rows(tmp_path, "corrupt")  # line 5
     command = [sys.executable, str(REPO / "tacotron2" / "train.py"), *flags(manifest, manifest)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 1, result.stderr[-2000:]
-    assert result.stderr.startswith("error: ") and "line 3: no transcript" in result.stderr
+    assert result.stderr.startswith(f"error: {manifest}, line 5: ") and "corrupt.wav: unreadable" in result.stderr
+    assert "--skip_bad_files" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    lines[2] = lines[2] + "日本語"  # nothing left once cleaned to ASCII
-    manifest.write_text("\n".join(lines) + "\n")
-    with pytest.raises(UserError, match="line 3: the transcript '日本語' has no symbol"):
-        TextMelDataset(manifest, audio_config(parse_args(flags(manifest, manifest))))
+    assert not (tmp_path / "unused").exists()
+
+
+def test_all_bad_rows_are_reported_together_or_dropped_and_counted(tmp_path):
+    audio = audio_config(parse_args(flags(Path("a"), Path("b"))))
+    kinds = ("corrupt", "missing", "short", "untranscribed", "unspeakable")
+    manifest = corpus_with_bad_rows(tmp_path, *kinds)  # lines 5 to 9
+    with pytest.raises(UserError) as excinfo:
+        TextMelDataset(manifest, audio)
+    message = str(excinfo.value)
+    assert message.startswith(f"5 bad rows in {manifest}") and "--skip_bad_files" in message.splitlines()[0]
+    for line, reason in zip(range(5, 10), ("corrupt.wav: unreadable", "missing.wav: file does not exist",
+                                           "short.wav: 0.0045 s long, shorter than 0.0116 s", "line 8: no transcript",
+                                           "the transcript '日本語' has no symbol")):
+        assert f"line {line}: " in message and reason in message
+    with pytest.warns(UserWarning, match=r"--skip_bad_files: dropped 5 bad rows of .*, kept 3") as record:
+        dataset = TextMelDataset(manifest, audio, skip_bad_files=True)
+    assert "corrupt.wav: unreadable" in str(record[0].message)
+    assert len(dataset) == 3 and [row.line for row in dataset.rows] == [2, 3, 4]
+    assert [len(tokens) for tokens, _ in dataset] == [len("clip number zero"), len("clip number one"),
+                                                      len("clip number two")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # quiet: another process of the run says it
+        assert len(TextMelDataset(manifest, audio, skip_bad_files=True, quiet=True)) == 3
+    only_bad = tmp_path / "only_bad.csv"
+    only_bad.write_text("file_path,normalized_transcript\nwavs/missing.wav,not there\n")
+    with pytest.raises(UserError, match="no usable rows left"), pytest.warns(UserWarning):
+        TextMelDataset(only_bad, audio, skip_bad_files=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +287,58 @@ def test_accelerate_launch_writes_checkpoints_and_a_resumed_run_continues_exactl
     resumed = load_file(tmp_path / "resumed" / "checkpoint_6" / "model.safetensors")
     for key, value in trained.items():
         assert torch.allclose(value, resumed[key], atol=1e-6), f"{key}: the resumed run diverged"
+
+
+def test_two_processes_skip_bad_files_train_and_print_each_line_once(tmp_path):
+    manifest = corpus_with_bad_rows(tmp_path, "corrupt", good=4)  # 4 clips: one batch of 2 on each process
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--num_cpu_threads_per_process", "1", str(REPO / "tacotron2" / "train.py"), "--experiment_name", "run",
+               "--working_directory", str(tmp_path), "--path_to_train_manifest", str(manifest),
+               "--path_to_val_manifest", str(manifest), "--batch_size", "2", "--num_workers", "0",
+               "--console_out_iters", "1", "--max_steps", "2", "--max_decoder_steps", "20", "--skip_bad_files",
+               *TINY_FLAGS]
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "WANDB_MODE": "disabled"}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Tacotron2 on 2 process(es)" in output
+    # The bad row is dropped (train and validation manifests alike), said by one process only.
+    assert output.count("--skip_bad_files: dropped 1 bad rows") == 2 and "kept 4" in output
+    # One console line per step, not one per process (tqdm.write ignores the bar's disable=).
+    for step in (1, 2):
+        assert output.count(f"step {step} epoch {step - 1}: loss ") == 1, output[-3000:]
+    assert (tmp_path / "run" / "checkpoint_2" / "checkpoint_complete").exists()
+
+
+def test_nonfinite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_path, tiny_corpus):
+    assert parse_args(flags(Path("a"), Path("b"))).max_nonfinite_steps == 20
+    # The loss is NaN from the second step on: steps 2-4 leave the weights alone, and the third in a row stops the
+    # run with the state saved. The fault is injected from outside the code under test.
+    script = tmp_path / "poisoned_train.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport tacotron2.train as train\n"
+                      "from utils import run_cli\noriginal, calls = train.tacotron2_loss, [0]\n"
+                      "def poisoned(*args):\n    calls[0] += 1\n    losses = original(*args)\n"
+                      "    return (losses[0] * float('nan'), *losses[1:]) if calls[0] >= 2 else losses\n"
+                      "train.tacotron2_loss = poisoned\nrun_cli(lambda: train.main(sys.argv[1:]))\n")
+    command = [sys.executable, str(script), "--experiment_name", "nan", "--working_directory", str(tmp_path),
+               "--path_to_train_manifest", str(tiny_corpus[0]), "--path_to_val_manifest", str(tiny_corpus[1]),
+               "--batch_size", "2", "--num_workers", "0", "--max_steps", "20", "--checkpoint_steps", "1",
+               "--keep_last_checkpoints", "10", "--max_nonfinite_steps", "3", *TINY_FLAGS]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                            env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    for step in (2, 3, 4):
+        assert f"step {step}: non-finite loss or gradient, optimiser step skipped ({step - 1} in a row)" \
+            in result.stdout
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: 3 steps in a row had a non-finite loss or gradient (the last at step 4); saved "
+                            f"the last good state in {tmp_path / 'nan' / 'checkpoint_4'}. Try a lower --learning_rate")
+    run = tmp_path / "nan"
+    assert sorted(p.name for p in run.glob("checkpoint_*")) == [f"checkpoint_{step}" for step in (1, 2, 3, 4)]
+    after_1, after_4 = (load_file(run / f"checkpoint_{step}" / "model.safetensors") for step in (1, 4))
+    assert all(torch.equal(after_1[k], after_4[k]) for k in after_1)  # the skipped steps touched nothing
+    assert all(torch.isfinite(v).all() for v in after_4.values())
 
 
 # ---------------------------------------------------------------------------------------------

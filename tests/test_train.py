@@ -74,6 +74,8 @@ def test_resume_continues_exactly(tmp_path, tiny_corpus):
                       "--upsample_initial_channel", "8", name="resumed", check=False)
     assert wrong.returncode == 1 and "RuntimeError" not in wrong.stderr  # (accelerate launch adds its own trace)
     assert re.search(r"cannot resume from \S*checkpoint_10: it does not fit", wrong.stderr), wrong.stderr[-2000:]
+    message = next(line for line in wrong.stderr.splitlines() if line.startswith("error: cannot resume"))
+    assert "size mismatch for" in message and "trained with upsample_initial_channel 16 (now 8)). Resume" in message
 
 
 def test_wandb_offline_logs_scalars_audio_and_mel_images(tmp_path, tiny_corpus):
@@ -154,9 +156,11 @@ def test_finetune_starts_from_pretrained_weights_and_trains(tmp_path, tiny_corpu
     write_teacher_forced_mels(mels, tiny_corpus[0])
     write_teacher_forced_mels(mels, tiny_corpus[1])
     pretrained = tmp_path / "pretrain" / "checkpoint_2"
-    finetune = ["--finetune", "--path_to_saved_mels", str(mels), "--path_to_pretrained_weights", str(pretrained)]
+    # the run folder, as the README's recipe passes it: its newest checkpoint, discriminators included
+    finetune = ["--finetune", "--path_to_saved_mels", str(mels), "--path_to_pretrained_weights",
+                str(tmp_path / "pretrain")]
     result = run_train(tmp_path, tiny_corpus, *finetune, "--max_steps", "0", name="ft0")
-    assert "generator and discriminators from" in result.stdout
+    assert f"generator and discriminators from {pretrained}" in result.stdout
     for name in ("model", "model_1", "model_2"):  # before the first step: exactly the pretrained weights
         before, loaded = load_file(pretrained / f"{name}.safetensors"), load_file(tmp_path / "ft0" / "checkpoint_0" /
                                                                                    f"{name}.safetensors")
@@ -194,3 +198,16 @@ def test_finetune_refuses_missing_mels_at_startup(tmp_path, tiny_corpus):
                str(tmp_path), *TINY_FLAGS]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 1 and "8 of 8 clips" in result.stderr and "save_taco_mels" in result.stderr
+
+
+def test_resume_with_another_batch_size_skips_the_clips_already_seen():
+    from train import TrainState
+    # a checkpoint from before the field existed: 4 batches an epoch, 2 of epoch 1 done
+    assert TrainState(step=6, epoch=1).start_epoch_at(steps_per_epoch=4, global_batch_size=2) == 2
+    # 2 batches of 2 clips seen; resumed at 4 clips a batch: 1 batch done; at 1 clip a batch: 4
+    state = TrainState(step=6, epoch=1, epoch_start_step=4, global_batch_size=2)
+    assert state.start_epoch_at(steps_per_epoch=2, global_batch_size=4) == 1
+    assert (state.epoch_start_step, state.global_batch_size) == (5, 4)
+    assert TrainState(step=6, epoch=1, epoch_start_step=4, global_batch_size=2).start_epoch_at(8, 1) == 4
+    # more seen than today's epoch holds: the epoch is over
+    assert TrainState(step=12, epoch=1, epoch_start_step=4, global_batch_size=2).start_epoch_at(2, 4) == 2
