@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -260,8 +261,10 @@ def find_resume_checkpoint(value: str, run_dir: Path) -> Path | None:
                             f"(no {COMPLETE_MARKER} file inside); pass 'latest' or another checkpoint_<step>")
         return path
     checkpoints = complete_checkpoints(run_dir)
-    for partial in run_dir.glob(".tmp_checkpoint_*"):
+    for partial in sorted(run_dir.glob(".tmp_checkpoint_*")):
         print(f"ignoring incomplete checkpoint {partial} (the run was killed while writing it)")
+    for unmarked in sorted(set(run_dir.glob("checkpoint_*")) - set(checkpoints)):
+        print(f"ignoring {unmarked}: it has no {COMPLETE_MARKER} file, so it may be incomplete")
     return checkpoints[-1] if checkpoints else None
 
 
@@ -346,8 +349,14 @@ def start_trackers(accelerator: Accelerator, report_to: str | None, run_name: st
         return None
     # TensorBoard's hparams take only scalars and strings.
     hyperparameters = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in hyperparameters.items()}
-    accelerator.init_trackers(run_name, config=hyperparameters,
-                              init_kwargs={"wandb": {"dir": str(run_dir), "name": run_name}})
+    wandb_kwargs = {"dir": str(run_dir), "name": run_name}
+    if report_to == "wandb" and accelerator.is_main_process:
+        # One wandb run per training run: a resumed run appends to the same curves instead of starting new ones.
+        id_file = run_dir / "wandb_run_id"
+        if not id_file.exists():
+            id_file.write_text(uuid.uuid4().hex[:12])
+        wandb_kwargs.update(id=id_file.read_text().strip(), resume="allow")
+    accelerator.init_trackers(run_name, config=hyperparameters, init_kwargs={"wandb": wandb_kwargs})
     if not accelerator.trackers:
         # accelerate drops a tracker whose package is missing (with a warning); log nowhere rather than fail.
         accelerator.print(f"warning: --report_to {report_to}: its package is not installed; not logging")

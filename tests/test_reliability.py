@@ -18,11 +18,8 @@ import torch
 from conftest import REPO, TINY_CONFIG, TINY_FLAGS, synth_clip, write_corpus
 from safetensors.torch import load_file
 
-from utils import mel_spectrogram
-
-sys.path.insert(0, str(REPO))
 from model import load_generator
-from utils import UserError
+from utils import UserError, mel_spectrogram
 
 
 def train_command(tmp_path: Path, corpus, *flags: str, name: str = "run", script: Path | None = None) -> list[str]:
@@ -223,6 +220,19 @@ def test_sigterm_under_two_process_accelerate_launch_saves_and_resumes(tmp_path,
     assert (tmp_path / "run" / f"checkpoint_{stopped + 2}" / "checkpoint_complete").exists()
 
 
+def test_ctrl_c_finishes_the_step_saves_and_exits_cleanly(tmp_path, tiny_corpus):
+    log = open(tmp_path / "log.txt", "w")
+    process = subprocess.Popen(train_command(tmp_path, tiny_corpus, "--max_steps", "100000"), stdout=log,
+                               stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wait_for(lambda: "step 2 epoch" in (tmp_path / "log.txt").read_text())
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 0
+    output = (tmp_path / "log.txt").read_text()
+    stopped = int(re.search(r"stopped by SIGINT after step (\d+); saved", output).group(1))
+    assert "KeyboardInterrupt" not in output
+    assert (tmp_path / "run" / f"checkpoint_{stopped}" / "checkpoint_complete").exists()
+
+
 def test_kill_9_while_writing_a_checkpoint_keeps_the_last_complete_one(tmp_path, tiny_corpus):
     # SIGKILL ourselves in the middle of the second checkpoint: after accelerate wrote its files into the
     # temporary folder, before the generator export, marker and rename.
@@ -286,3 +296,17 @@ def test_persistent_workers_see_each_epoch_and_match_the_main_process(tmp_path, 
     with_workers = losses(console(run(train_command(tmp_path, tiny_corpus, "--max_steps", "10", "--num_workers", "2",
                                                     name="workers"))))
     assert sorted(in_main) == list(range(1, 11)) and in_main == with_workers
+
+
+def test_latest_skips_checkpoint_folders_without_their_completion_marker(tmp_path, capsys):
+    import train
+    for step, complete in ((3, True), (5, False)):
+        (tmp_path / f"checkpoint_{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint_{step}" / train.COMPLETE_MARKER).write_text("3")
+    (tmp_path / ".tmp_checkpoint_6").mkdir()
+    assert train.find_resume_checkpoint("latest", tmp_path) == tmp_path / "checkpoint_3"
+    said = capsys.readouterr().out
+    assert f"ignoring {tmp_path / 'checkpoint_5'}: it has no" in said and ".tmp_checkpoint_6" in said
+    with pytest.raises(UserError, match="not a complete checkpoint folder"):
+        train.find_resume_checkpoint(str(tmp_path / "checkpoint_5"), tmp_path)

@@ -100,6 +100,13 @@ def test_wandb_offline_logs_scalars_audio_and_mel_images(tmp_path, tiny_corpus):
     assert records.count(b"train/loss_mel") >= 2 and b"val/mel_error" in records
     media = list((runs[0] / "files" / "media").rglob("*"))
     assert any(p.suffix == ".wav" for p in media) and any(p.suffix == ".png" for p in media)
+    # resumed: the same wandb run (same id) continues its curves
+    command[command.index("--max_steps") + 1] = "6"
+    resumed = subprocess.run(command + ["--resume_from_checkpoint", "latest"], capture_output=True, text=True,
+                             env={**environment, **env}, cwd=tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    runs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({run.name.rsplit("-", 1)[1] for run in runs}) == 1, runs
 
 
 def test_tensorboard_logs_scalars_audio_and_mel_images(tmp_path, tiny_corpus):

@@ -37,6 +37,17 @@ def test_log_mel_matches_independent_formula_and_frame_count(length):
     assert np.abs(mel.numpy() - reference_log_mel(audio)).max() < 1e-3
 
 
+def test_db_mel_matches_independent_formula():
+    # DESIGN §1: 20·log10(clamp(mel, 10^(min_db/20))), [min_db, 0] mapped linearly onto [-4, 4], clipped.
+    audio = synth_clip(0.5, seed=3)
+    mel = np.exp(reference_log_mel(audio))  # undo the log; its clamp at 1e-5 is 10^(-100/20), the dB floor
+    db = 20 * np.log10(np.maximum(mel, 10 ** (-100 / 20)))
+    expected = np.clip((db + 100) / 100 * 8 - 4, -4, 4)
+    got = mel_spectrogram(torch.from_numpy(audio), **MEL, mel_scale="db", min_db=-100.0, max_scaled_abs=4.0)
+    assert expected.min() < 0 < expected.max()  # the clip range is exercised on both sides of zero
+    assert np.abs(got.numpy() - expected).max() < 1e-3
+
+
 def test_batched_equals_single_and_db_scale_is_affine_image():
     audio = torch.from_numpy(np.stack([synth_clip(0.5, seed=1), synth_clip(0.5, seed=2)]))
     batched = mel_spectrogram(audio, **MEL)
