@@ -20,6 +20,7 @@ import shutil
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -198,9 +199,10 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("checkpoint_")))
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, generator: torch.nn.Module,
-                    keep_last: int) -> Path:
-    """save_state into a temporary folder, then rename: a kill at any moment leaves the last checkpoint intact."""
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, keep_last: int,
+                    export: Callable[[Path], None]) -> Path:
+    """save_state into a temporary folder, add the inference weights (`export(folder)`), then rename: a kill at
+    any moment leaves the last complete checkpoint intact."""
     final = run_dir / f"checkpoint_{state.step}"
     tmp = run_dir / f".tmp_checkpoint_{state.step}"
     if accelerator.is_main_process and tmp.exists():
@@ -209,7 +211,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, 
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
         (tmp / "train_state.json").write_text(json.dumps(dataclasses.asdict(state)))
-        save_generator(accelerator.unwrap_model(generator), tmp)  # for inference.py and --finetune
+        export(tmp)
         (tmp / COMPLETE_MARKER).write_text(f"step {state.step}\n")
         if final.exists():
             shutil.rmtree(final)
@@ -574,6 +576,9 @@ def main(argv: list[str] | None = None) -> Generator:
             log_media(accelerator, report_to, state.step, samples, config.sampling_rate)
         accelerator.wait_for_everyone()
 
+    def export(folder: Path) -> None:  # the inference generator inside each checkpoint, for inference.py, --finetune
+        save_generator(accelerator.unwrap_model(generator), folder)
+
     stop_reason, stop_signal, interrupted = None, StopSignal(), False
     while state.step < max_steps and stop_reason is None and not interrupted:
         epoch = state.epoch
@@ -624,7 +629,7 @@ def main(argv: list[str] | None = None) -> Generator:
                                "or check the data")
                 break
             if args.checkpoint_steps and state.step % args.checkpoint_steps == 0:
-                save_checkpoint(accelerator, run_dir, state, generator, args.keep_last_checkpoints)
+                save_checkpoint(accelerator, run_dir, state, args.keep_last_checkpoints, export)
             if stop_signal.agreed(accelerator):
                 interrupted = True
                 break
@@ -638,10 +643,10 @@ def main(argv: list[str] | None = None) -> Generator:
             scheduler_g.step()
             scheduler_d.step()
             if state.epoch % args.checkpoint_epochs == 0 and state.epoch < total_epochs:
-                save_checkpoint(accelerator, run_dir, state, generator, args.keep_last_checkpoints)
+                save_checkpoint(accelerator, run_dir, state, args.keep_last_checkpoints, export)
 
     progress.close()
-    final = save_checkpoint(accelerator, run_dir, state, generator, args.keep_last_checkpoints)
+    final = save_checkpoint(accelerator, run_dir, state, args.keep_last_checkpoints, export)
     if interrupted:
         accelerator.print(f"stopped by {stop_signal.received or 'a signal on another process'} after step "
                           f"{state.step}; saved {final}. Continue with --resume_from_checkpoint latest")

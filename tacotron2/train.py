@@ -13,11 +13,9 @@ Reads top to bottom like ../train.py: flags -> config -> data -> model -> optimi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -43,12 +41,10 @@ from model import HifiGanConfig
 from tacotron2 import Tacotron2, Tacotron2Config, load_tacotron2, save_tacotron2, symbols, text_to_sequence
 from tacotron2.model import padding_mask
 from train import (
-    COMPLETE_MARKER,
     StopSignal,
-    TrainState,
     check_launch,
-    complete_checkpoints,
     resume,
+    save_checkpoint,
     setup_trackers,
     start_trackers,
 )
@@ -272,28 +268,6 @@ def tacotron2_loss(mel: torch.Tensor, mel_postnet: torch.Tensor, gate: torch.Ten
 # Checkpoints (DESIGN.md §3, as ../train.py) and start weights
 # ---------------------------------------------------------------------------------------------
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, model: torch.nn.Module,
-                    audio: dict, keep_last: int) -> Path:
-    """save_state into a temporary folder, add the inference weights, then rename: a kill leaves no half checkpoint."""
-    final = run_dir / f"checkpoint_{state.step}"
-    tmp = run_dir / f".tmp_checkpoint_{state.step}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / "train_state.json").write_text(json.dumps(dataclasses.asdict(state)))
-        save_tacotron2(accelerator.unwrap_model(model), tmp, extra={"audio": audio})
-        (tmp / COMPLETE_MARKER).write_text(f"step {state.step}\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in complete_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
 def stored_audio(weights: str | os.PathLike) -> dict:
     """The mel parameters ("audio" in config.json) a checkpoint/export of this repo was trained with; {} for NVIDIA's
     file, which holds none (it is DESIGN.md §1's default mel)."""
@@ -509,6 +483,9 @@ def main(argv: list[str] | None = None) -> Tacotron2:
                     dynamic_ncols=True)
     last_log_time, last_log_step, skipped_steps, nonfinite_in_a_row = time.perf_counter(), state.step, 0, 0
     saved_step = None  # the step of the last checkpoint this run wrote
+    def export(folder: Path) -> None:  # the inference weights inside each checkpoint, with the mel they expect
+        save_tacotron2(accelerator.unwrap_model(model), folder, extra={"audio": audio})
+
     stop_signal, interrupted = StopSignal(), False  # SIGTERM/Ctrl-C: finish the step, save, exit
     stop_reason = None  # too many non-finite steps in a row
     while state.step < max_steps and not interrupted and stop_reason is None:
@@ -571,7 +548,7 @@ def main(argv: list[str] | None = None) -> Tacotron2:
                                f"step {state.step}); saved the last good state")
                 break
             if args.checkpoint_steps and state.step % args.checkpoint_steps == 0:
-                save_checkpoint(accelerator, run_dir, state, model, audio, args.keep_last_checkpoints)
+                save_checkpoint(accelerator, run_dir, state, args.keep_last_checkpoints, export)
                 saved_step = state.step
             if stop_signal.agreed(accelerator):
                 interrupted = True
@@ -582,13 +559,13 @@ def main(argv: list[str] | None = None) -> Tacotron2:
         else:
             state.epoch, state.epoch_start_step = state.epoch + 1, state.step
             if state.epoch % args.checkpoint_epochs == 0 and state.step < max_steps:
-                save_checkpoint(accelerator, run_dir, state, model, audio, args.keep_last_checkpoints)
+                save_checkpoint(accelerator, run_dir, state, args.keep_last_checkpoints, export)
                 saved_step = state.step
 
     progress.close()
     final = run_dir / f"checkpoint_{state.step}"
     if saved_step != state.step:
-        save_checkpoint(accelerator, run_dir, state, model, audio, args.keep_last_checkpoints)
+        save_checkpoint(accelerator, run_dir, state, args.keep_last_checkpoints, export)
     if stop_reason is not None:
         accelerator.end_training()
         raise UserError(f"{stop_reason} in {final}. Try a lower --learning_rate or --grad_clip with "
