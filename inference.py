@@ -5,12 +5,13 @@
     python inference.py --checkpoint generator_v1 --taco_weights tacotron2_statedict.pt \\
         --text "Printing, in the only sense with which we are at present concerned." --output_dir out/
     python inference.py --vocoder griffin_lim --config v1 --input clip.wav --output_dir out/   # the baseline
+    python inference.py --checkpoint work_dir/hifigan --export_onnx hifigan.onnx              # for ONNX Runtime
 
 `--checkpoint` takes this repo's export (a folder with generator.safetensors + config.json: a run folder or a
 checkpoint_<step> folder) or an official jik876 generator file (generator_v1, g_02500000, ...). Every input
 becomes `<output_dir>/<stem>.wav` (text: text_000.wav, ...), 16-bit at the model's sample rate.
-The functions below (load_vocoder, vocode, vocode_batch, griffin_lim, text_to_mel, mel_from_wav) are what
-evaluate.py and the notebook import.
+The functions below (load_vocoder, vocode, vocode_batch, griffin_lim, text_to_mel, mel_from_wav; export_onnx,
+onnx_session, vocode_onnx) are what evaluate.py, bench.py and the notebook import.
 """
 
 from __future__ import annotations
@@ -161,6 +162,100 @@ def vocode_batch(generator: Generator, mels: list[torch.Tensor], max_chunk_frame
             for row, i in enumerate(indices):
                 outputs[i] = audio[row, :mels[i].size(1) * hop]
     return [audio.clone() for audio in outputs]  # ordinary tensors, as in vocode
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX
+# ---------------------------------------------------------------------------------------------
+
+def export_onnx(generator: Generator, path: str | os.PathLike, opset: int | None = None) -> Path:
+    """Write the generator, weight norm folded, as a single-file ONNX model: `mel` [B, num_mels, frames] ->
+    `audio` [B, 1, frames * hop], batch and frames dynamic. Its config travels in the metadata ("hifigan_config").
+
+    The model is exported from a float32 CPU copy rebuilt from the state dict (copy.deepcopy would share the
+    parametrized classes, and folding the copy would strip `weight` from the original too), so `generator`
+    is left as it was, weight norm live or folded. The file is written under a temporary name and renamed.
+    """
+    import importlib.util
+    import logging
+
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"ONNX export needs {' and '.join(missing)}: pip install onnx onnxscript")
+    folded = Generator(generator.config)
+    if not any("parametrizations" in key for key in generator.state_dict()):
+        folded.remove_weight_norm()  # already folded: load plain weights into a plain copy
+    folded.load_state_dict({k: v.detach().float().cpu() for k, v in generator.state_dict().items()})
+    folded = folded.remove_weight_norm().eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    example = torch.randn(2, generator.config.num_mels, 32)
+    # The dynamo exporter (torch.export), not the legacy TorchScript one. On torch 2.13 both give a correct
+    # model with dynamic batch and frames (both checked against eager to ~1e-7 at other batch sizes and
+    # lengths, down to 1 frame), but the legacy one is deprecated (a DeprecationWarning on every call; the
+    # dynamo one is the default since torch 2.9), and only the dynamo one records the output length as
+    # frames × hop rather than as an unrelated free dimension. Its costs: 2-7 s per export here (legacy:
+    # 0.2 s), and onnx + onnxscript installed.
+    torch_onnx_logger = logging.getLogger("torch.onnx")
+    level = torch_onnx_logger.level
+    torch_onnx_logger.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms" ...
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.export's internal deprecation notices
+            program = torch.onnx.export(
+                folded, (example,), input_names=["mel"], output_names=["audio"], opset_version=opset, dynamo=True,
+                dynamic_shapes={"mel": {0: torch.export.Dim("batch"), 2: torch.export.Dim("frames")}},
+                verbose=False)
+        program.model.metadata_props["hifigan_config"] = json.dumps(generator.config.to_dict())
+        program.save(tmp, external_data=False)  # one file, weights included
+        os.replace(tmp, path)
+    finally:
+        torch_onnx_logger.setLevel(level)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None):
+    """An onnxruntime InferenceSession (CPU) of a model written by export_onnx; threads: intra-op threads
+    (None: onnxruntime's default, one per core)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError("ONNX inference needs onnxruntime: pip install onnxruntime") from None
+    if not os.path.isfile(path):
+        raise UserError(f"ONNX model {path} does not exist")
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    # Its threads would otherwise busy-wait after each run, taking the cores from PyTorch in the same process.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own InvalidProtobuf, Fail, ...
+        message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"{path} is not a readable ONNX model ({message})") from None
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if [i.name for i in inputs] != ["mel"] or [o.name for o in outputs] != ["audio"] or len(inputs[0].shape) != 3:
+        raise UserError(f"{path} is an ONNX model but not a HiFi-GAN generator export (inputs "
+                        f"{[(i.name, i.shape) for i in inputs]}, outputs {[o.name for o in outputs]}; expected "
+                        "mel [batch, num_mels, frames] -> audio); write one with inference.py --export_onnx")
+    return session
+
+
+def vocode_onnx(session, mel: torch.Tensor) -> torch.Tensor:
+    """Like vocode, through an onnx_session: mel [num_mels, frames] -> float32 CPU audio [frames * hop];
+    a batch [B, num_mels, frames] -> [B, frames * hop]."""
+    num_mels = session.get_inputs()[0].shape[1]
+    batched = mel.dim() == 3
+    mels = mel if batched else mel[None]
+    if mels.dim() != 3 or mels.size(1) != num_mels or mels.size(2) == 0:
+        raise UserError(f"mel must be [num_mels={num_mels}, frames > 0] or [batch, {num_mels}, frames], "
+                        f"got {list(mel.shape)}")
+    audio = session.run(["audio"], {"mel": mels.detach().float().cpu().contiguous().numpy()})[0]
+    audio = torch.from_numpy(audio)[:, 0]
+    return audio if batched else audio[0]
 
 
 def griffin_lim(mel: torch.Tensor, config: HifiGanConfig, n_iters: int = 60) -> torch.Tensor:
@@ -363,13 +458,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                              "or an official jik876 generator file")
     parser.add_argument("--config", help="v1|v2|v3 or a config.json: overrides the checkpoint's (official "
                                          "files carry none); for griffin_lim, the mel parameters (v1 when not given)")
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()  # required unless --export_onnx: checked below
     source.add_argument("--input", nargs="+", help=".npy mels, wav files, folders of either, .csv manifests")
     source.add_argument("--text", nargs="+", help="sentences to speak (needs --taco_weights)")
     source.add_argument("--text_file", help="a text file, one sentence per line (needs --taco_weights)")
     parser.add_argument("--taco_weights", help="Tacotron2 checkpoint: NVIDIA's file or a save_tacotron2 folder")
     parser.add_argument("--max_decoder_steps", type=int, help="Tacotron2 decoding limit (default: its config's)")
-    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--output_dir", help="where the wavs go (required unless --export_onnx)")
     parser.add_argument("--vocoder", choices=["hifigan", "griffin_lim"], default="hifigan")
     parser.add_argument("--griffin_lim_iters", type=int, default=60)
     parser.add_argument("--max_chunk_frames", type=int, default=2000,
@@ -378,14 +473,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--seed", type=int, default=1234, help="Tacotron2's prenet dropout stays on at inference")
-    return parser.parse_args(argv)
+    parser.add_argument("--export_onnx", metavar="PATH", help="write the --checkpoint generator (weight norm folded, "
+                        "dynamic batch and frames) as an ONNX model to PATH, check it against PyTorch, and exit")
+    parser.add_argument("--onnx_opset", type=int, help="ONNX opset for --export_onnx (default: the exporter's)")
+    args = parser.parse_args(argv)
+    has_source = bool(args.input or args.text or args.text_file)
+    if args.export_onnx:
+        if has_source or args.output_dir:
+            parser.error("--export_onnx exports and exits: give it --checkpoint (and --config), "
+                         "not --input/--text/--text_file/--output_dir")
+    elif not has_source:
+        parser.error("one of the arguments --input --text --text_file is required")
+    elif not args.output_dir:
+        parser.error("the following arguments are required: --output_dir")
+    return args
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+def export(args: argparse.Namespace) -> None:
+    """--export_onnx: write the model, then run it and PyTorch on the same random mel and print the difference."""
+    if not args.checkpoint:
+        raise UserError("--export_onnx needs --checkpoint: the generator to export")
+    generator = load_vocoder(args.checkpoint, args.config)
+    path = export_onnx(generator, args.export_onnx, args.onnx_opset)
+    session = onnx_session(path)
+    mel = torch.randn(2, generator.config.num_mels, 37, generator=torch.Generator().manual_seed(0)) + _silence(
+        generator.config) / 2  # arbitrary, but with a batch and a length other than the exported example's
+    with torch.inference_mode():
+        expected = _run(generator, mel)
+    difference = (vocode_onnx(session, mel) - expected).abs().max().item()
+    print(f"wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MiB; mel [batch, {generator.config.num_mels}, "
+          f"frames] -> audio [batch, 1, frames * {_hop(generator)}]); max abs difference from PyTorch on a random "
+          f"mel [2, {generator.config.num_mels}, 37]: {difference:.2e}")
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.export_onnx:
+        export(args)
+        return
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
     if device == "cuda" and not torch.cuda.is_available():

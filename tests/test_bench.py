@@ -1,0 +1,66 @@
+"""bench.py --quick: every table column and JSON key is there, every ratio finite and positive (no timing claims)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+TRAINING_KEYS = {"model", "batch", "segment", "path", "seconds_per_step", "steps_per_s", "samples_per_s",
+                 "speedup_vs_plain", "peak_memory_gb", "first_step_s", "all_finite", "log_mel_l1_vs_plain"}
+INFERENCE_KEYS = {"model", "weights", "batch", "audio_s", "path", "plain_xrt", "fast_xrt", "speedup",
+                  "log_mel_l1_vs_plain", "compile_s"}
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_bench(tmp_path):
+    output = tmp_path / "bench.json"
+    # Passive OpenMP waiting: the same ~20 s on an idle 2-core machine, but when another PyTorch process
+    # shares the cores, spinning OpenMP threads slow each other down ~100× (seen here: 146 s instead of 20).
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    result = subprocess.run([sys.executable, "bench.py", "--quick", "--output", str(output)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(output.read_text())
+
+    assert {"machine", "quick", "training", "inference", "peak_rss_gb", "wall_s"} <= set(results)
+    assert results["quick"] is True
+    assert {"device", "cpu_capability", "threads", "torch", "python"} <= set(results["machine"])
+
+    training = {row["path"]: row for row in results["training"]}
+    assert list(training) == ["plain fp32", "fast bf16"]
+    for row in training.values():
+        assert TRAINING_KEYS <= set(row), TRAINING_KEYS - set(row)
+        assert row["model"] == "v1" and row["all_finite"] is True
+        for key in ("seconds_per_step", "steps_per_s", "samples_per_s", "speedup_vs_plain", "peak_memory_gb"):
+            assert positive(row[key]), (row["path"], key, row[key])
+        assert math.isfinite(row["log_mel_l1_vs_plain"]) and row["log_mel_l1_vs_plain"] >= 0
+    assert training["plain fp32"]["log_mel_l1_vs_plain"] == 0
+
+    inference = results["inference"]
+    cells = {(row["model"], row["batch"], row["path"]) for row in inference}
+    expected = {(model, batch, path) for model in ("v1", "v2", "v3") for batch in (1, 2)
+                for path in ("folded fp32", "folded bf16", "onnx fp32")}
+    assert cells == expected, expected ^ cells
+    for row in inference:
+        assert INFERENCE_KEYS <= set(row), INFERENCE_KEYS - set(row)
+        for key in ("plain_xrt", "fast_xrt", "speedup", "audio_s"):
+            assert positive(row[key]), (row["model"], row["batch"], row["path"], key, row[key])
+        assert math.isfinite(row["log_mel_l1_vs_plain"]) and row["log_mel_l1_vs_plain"] >= 0
+        if row["path"] != "folded bf16":  # fp32 paths reproduce the plain output (bf16 differs a little)
+            assert row["log_mel_l1_vs_plain"] < 1e-3, row
+
+    # The printed tables carry the same columns.
+    for header in ("| model | batch × samples | path | s/step | steps/s | samples/s | peak memory | speed-up | "
+                   "log-mel L1 vs plain | finite losses |",
+                   "| model (weights) | batch | fast path | plain ×RT | fast ×RT | speed-up | log-mel L1 vs plain |",
+                   "machine: "):
+        assert header in result.stdout
+    assert result.stdout.count("| onnx fp32 |") == 6
