@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from model import PRESETS, Generator, MultiPeriodDiscriminator, MultiScaleDiscriminator, build_generator, load_generator
-from utils import mel_spectrogram
+from utils import load_audio, mel_spectrogram
 
 QUICK_SECONDS = 0.5  # --quick's utterance length
 
@@ -54,6 +54,15 @@ def speechlike_audio(seconds: float, sampling_rate: int = 22050, batch: int = 1)
         envelope = torch.clamp(torch.sin(2 * math.pi * 3 * t + i), min=0) ** 0.5
         clips.append(0.5 * voiced * envelope / voiced.abs().max())
     return torch.stack(clips)
+
+
+def recorded_audio(path: str, seconds: float, sampling_rate: int, batch: int) -> torch.Tensor:
+    """A recording looped to `seconds`, each batch item starting elsewhere in it: the quality column then
+    measures what a listener would hear (a synthetic signal's silent gaps exaggerate a raised noise floor)."""
+    audio = torch.from_numpy(load_audio(path, sampling_rate))
+    length = int(seconds * sampling_rate)
+    looped = audio.repeat(math.ceil((length + batch * sampling_rate) / len(audio)))
+    return torch.stack([looped[i * sampling_rate:i * sampling_rate + length] for i in range(batch)])
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -150,7 +159,7 @@ def inference_paths(generator: Generator, device: torch.device, use_compile: boo
 
 
 def bench_inference(device: torch.device, quick: bool, use_compile: bool, rounds: int,
-                    checkpoints: dict[str, str], onnx_dir: Path | None) -> list[dict]:
+                    checkpoints: dict[str, str], onnx_dir: Path | None, wav: str | None = None) -> list[dict]:
     rows = []
     seconds = QUICK_SECONDS if quick else 10.0
     throughput_batch = 2 if quick else 16 if device.type == "cuda" else 4
@@ -163,7 +172,9 @@ def bench_inference(device: torch.device, quick: bool, use_compile: bool, rounds
         config = generator.config
         paths = inference_paths(generator, device, use_compile, onnx_dir)
         for batch in (1, throughput_batch):
-            mel = mel_spectrogram(speechlike_audio(seconds, config.sampling_rate, batch), **config.mel_kwargs())
+            audio = recorded_audio(wav, seconds, config.sampling_rate, batch) if wav else \
+                speechlike_audio(seconds, config.sampling_rate, batch)
+            mel = mel_spectrogram(audio, **config.mel_kwargs())
             mel = mel.to(device)
             compile_s = None
             if use_compile:  # the first call compiles (and recompiles for a new shape): time it apart
@@ -289,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", action="append", default=[], metavar="PRESET=PATH",
                         help="trained weights for a preset, e.g. v2=generator_v2 (default: random weights)")
     parser.add_argument("--skip_training", action="store_true")
+    parser.add_argument("--wav", help="inference input: this recording, looped (default: a synthetic speech-like "
+                        "signal); with --checkpoint, the quality column is then what a listener would hear")
     parser.add_argument("--no_onnx", action="store_true", help="skip the ONNX Runtime column (CPU only anyway)")
     parser.add_argument("--output", "--json", default="bench_results.json", help="where the JSON goes")
     args = parser.parse_args(argv)
@@ -323,7 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as onnx_dir:
         results["inference"] = bench_inference(device, args.quick, args.compile, rounds, checkpoints,
-                                               Path(onnx_dir) if use_onnx else None)
+                                               Path(onnx_dir) if use_onnx else None, args.wav)
+    results["inference_input"] = args.wav or "synthetic speech-like signal"
     results["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     results["wall_s"] = time.perf_counter() - started
     print(f"\nprocess peak RSS: {results['peak_rss_gb']:.1f} GiB; bench wall time {results['wall_s']:.0f} s")

@@ -8,7 +8,8 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+import soundfile as sf
+from conftest import REPO, synth_clip
 
 TRAINING_KEYS = {"model", "batch", "segment", "path", "seconds_per_step", "steps_per_s", "samples_per_s",
                  "speedup_vs_plain", "peak_memory_gb", "first_step_s", "all_finite", "log_mel_l1_vs_plain"}
@@ -21,17 +22,18 @@ def positive(value) -> bool:
 
 
 def test_quick_bench(tmp_path):
-    output = tmp_path / "bench.json"
+    output, wav = tmp_path / "bench.json", tmp_path / "speech.wav"
+    sf.write(wav, synth_clip(0.3), 22050)  # a recording as the inference input, shorter than the utterance: looped
     # Passive OpenMP waiting: the same ~20 s on an idle 2-core machine, but when another PyTorch process
     # shares the cores, spinning OpenMP threads slow each other down ~100× (seen here: 146 s instead of 20).
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    result = subprocess.run([sys.executable, "bench.py", "--quick", "--output", str(output)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=180)
+    result = subprocess.run([sys.executable, "bench.py", "--quick", "--output", str(output), "--wav", str(wav)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(output.read_text())
 
     assert {"machine", "quick", "training", "inference", "peak_rss_gb", "wall_s"} <= set(results)
-    assert results["quick"] is True
+    assert results["quick"] is True and results["inference_input"] == str(wav)
     assert {"device", "cpu_capability", "threads", "torch", "python"} <= set(results["machine"])
 
     training = {row["path"]: row for row in results["training"]}
