@@ -472,6 +472,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the generator (exact; worth it for "
+                        "many or long inputs: the first one waits for the compiler)")
     parser.add_argument("--seed", type=int, default=1234, help="Tacotron2's prenet dropout stays on at inference")
     parser.add_argument("--export_onnx", metavar="PATH", help="write the --checkpoint generator (weight norm folded, "
                         "dynamic batch and frames) as an ONNX model to PATH, check it against PyTorch, and exit")
@@ -535,6 +537,10 @@ def run(args: argparse.Namespace) -> None:
             raise UserError("--vocoder hifigan needs --checkpoint (or use --vocoder griffin_lim)")
         generator = load_vocoder(args.checkpoint, args.config, device, dtype)
         config = generator.config
+        if args.compile:
+            # Same numbers, fused kernels; the first input compiles (seconds to minutes), so it pays off on long
+            # jobs. dynamic=True: one compile for every input length rather than one per length.
+            generator = torch.compile(generator, dynamic=True)
     else:
         config = resolve_config(args.config or "v1")
         device, dtype = "cpu", torch.float32  # griffin_lim runs on the CPU in float32

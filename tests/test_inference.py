@@ -185,6 +185,23 @@ def test_bfloat16_on_cpu_is_close_to_float32(tiny_checkpoint, tiny_vocoder, clip
     assert mel_l1(audio, reference) < 0.1
 
 
+def test_compiled_cli_writes_the_same_audio(tmp_path, tiny_checkpoint, clip_mel, capsys):
+    for name, frames in (("a", 40), ("b", 75)):  # two lengths: one dynamic compile serves both
+        np.save(tmp_path / f"{name}.npy", clip_mel[:, :frames].numpy())
+    from torch._dynamo.utils import counters
+    counters.clear()
+    outputs = {}
+    for flags in ((), ("--compile",)):
+        out_dir = tmp_path / ("compiled" if flags else "eager")
+        code, _, _ = run_cli("--checkpoint", tiny_checkpoint, "--input", tmp_path / "a.npy", tmp_path / "b.npy",
+                             "--output_dir", out_dir, "--batch_size", "1", *flags, capsys=capsys)
+        assert code == 0
+        outputs[out_dir.name] = [sf.read(out_dir / f"{name}.wav", dtype="int16")[0] for name in "ab"]
+        assert (counters["stats"]["unique_graphs"] > 0) == bool(flags)  # dynamo really compiled (only) then
+    for eager, compiled in zip(outputs["eager"], outputs["compiled"]):
+        assert len(eager) == len(compiled) and np.abs(eager.astype(int) - compiled).max() <= 1  # 16-bit rounding
+
+
 def test_griffin_lim_baseline(tmp_path, tiny_corpus, capsys):
     wav = tiny_corpus[0].parent / "wavs" / "train_001.wav"
     code, out, _ = run_cli("--vocoder", "griffin_lim", "--input", wav, "--griffin_lim_iters", "16",
