@@ -149,7 +149,8 @@ def inference_paths(generator: Generator, device: torch.device, use_compile: boo
     paths = {"plain fp32": plain, "folded fp32": fast(None), "folded bf16": fast(torch.bfloat16)}
     if device.type == "cuda":
         paths["folded fp16"] = fast(torch.float16)
-    if use_compile:
+    if use_compile:  # exact in fp32; each its own compiled module (autocast would otherwise force recompiles)
+        paths["compiled fp32"] = fast(None, torch.compile(folded))
         paths["compiled bf16"] = fast(torch.bfloat16, torch.compile(folded))
     if device.type == "cpu" and onnx_dir is not None:
         from inference import export_onnx, onnx_session
@@ -179,6 +180,7 @@ def bench_inference(device: torch.device, quick: bool, use_compile: bool, rounds
             compile_s = None
             if use_compile:  # the first call compiles (and recompiles for a new shape): time it apart
                 start = time.perf_counter()
+                paths["compiled fp32"](mel)
                 paths["compiled bf16"](mel)
                 compile_s = time.perf_counter() - start
             outputs, timings = paired_timings({name: (lambda fn=fn, mel=mel: fn(mel)) for name, fn in paths.items()},
