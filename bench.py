@@ -130,11 +130,7 @@ def log_mel_l1(audio: torch.Tensor, reference: torch.Tensor, config) -> float:
 def inference_paths(generator: Generator, device: torch.device, use_compile: bool, onnx_dir: Path | None
                     ) -> dict[str, Callable]:
     """name -> function(mel) -> audio [B, 1, T], the plain path first, then every fast path this device has."""
-    # A rebuilt copy, not copy.deepcopy: parametrized modules share a generated class, and folding a deep
-    # copy's weight norm would strip the `weight` property from the original too.
-    folded = Generator(generator.config)
-    folded.load_state_dict(generator.state_dict())
-    folded = folded.remove_weight_norm().to(device).eval()
+    folded = generator.folded_copy().to(device)
 
     def plain(mel):
         with torch.no_grad():

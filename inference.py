@@ -172,9 +172,8 @@ def export_onnx(generator: Generator, path: str | os.PathLike, opset: int | None
     """Write the generator, weight norm folded, as a single-file ONNX model: `mel` [B, num_mels, frames] ->
     `audio` [B, 1, frames * hop], batch and frames dynamic. Its config travels in the metadata ("hifigan_config").
 
-    The model is exported from a float32 CPU copy rebuilt from the state dict (copy.deepcopy would share the
-    parametrized classes, and folding the copy would strip `weight` from the original too), so `generator`
-    is left as it was, weight norm live or folded. The file is written under a temporary name and renamed.
+    The model is exported from `generator.folded_copy()` (float32, CPU), so `generator` is left as it was,
+    weight norm live or folded. The file is written under a temporary name and renamed.
     """
     import importlib.util
     import logging
@@ -182,11 +181,7 @@ def export_onnx(generator: Generator, path: str | os.PathLike, opset: int | None
     missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
     if missing:
         raise UserError(f"ONNX export needs {' and '.join(missing)}: pip install onnx onnxscript")
-    folded = Generator(generator.config)
-    if not any("parametrizations" in key for key in generator.state_dict()):
-        folded.remove_weight_norm()  # already folded: load plain weights into a plain copy
-    folded.load_state_dict({k: v.detach().float().cpu() for k, v in generator.state_dict().items()})
-    folded = folded.remove_weight_norm().eval()
+    folded = generator.folded_copy()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

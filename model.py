@@ -202,6 +202,16 @@ class Generator(nn.Module):
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
         return self
 
+    def folded_copy(self) -> Generator:
+        """A new float32 CPU Generator with these weights, weight norm folded; this one is left as it is.
+
+        Not copy.deepcopy: parametrized modules share a generated class, and folding a deep copy would strip
+        the `weight` property from the original too."""
+        copy = Generator(self.config).remove_weight_norm()
+        copy.load_state_dict(_fold_weight_norm_tensors({k: v.detach().float().cpu()
+                                                         for k, v in self.state_dict().items()}))
+        return copy.eval()
+
 
 def build_generator(config: HifiGanConfig | dict | str | None = "v1") -> Generator:
     """A freshly initialised Generator from a preset name, a config dict/dataclass or a config.json path."""

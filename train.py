@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> Generator:
     def export(folder: Path) -> None:  # the inference generator inside each checkpoint, for inference.py, --finetune
         save_generator(accelerator.unwrap_model(generator), folder)
 
-    stop_reason, stop_signal, interrupted = None, StopSignal(), False
+    stop_reason, stop_signal, interrupted, final = None, StopSignal(), False, None
     while state.step < max_steps and stop_reason is None and not interrupted:
         epoch = state.epoch
         train_set.set_epoch(epoch)
@@ -629,7 +629,7 @@ def main(argv: list[str] | None = None) -> Generator:
                                "or check the data")
                 break
             if args.checkpoint_steps and state.step % args.checkpoint_steps == 0:
-                save_checkpoint(accelerator, run_dir, state, args.keep_last_checkpoints, export)
+                final = save_checkpoint(accelerator, run_dir, state, args.keep_last_checkpoints, export)
             if stop_signal.agreed(accelerator):
                 interrupted = True
                 break
@@ -643,10 +643,11 @@ def main(argv: list[str] | None = None) -> Generator:
             scheduler_g.step()
             scheduler_d.step()
             if state.epoch % args.checkpoint_epochs == 0 and state.epoch < total_epochs:
-                save_checkpoint(accelerator, run_dir, state, args.keep_last_checkpoints, export)
+                final = save_checkpoint(accelerator, run_dir, state, args.keep_last_checkpoints, export)
 
     progress.close()
-    final = save_checkpoint(accelerator, run_dir, state, args.keep_last_checkpoints, export)
+    if final is None or final.name != f"checkpoint_{state.step}":  # not saved at this very step already
+        final = save_checkpoint(accelerator, run_dir, state, args.keep_last_checkpoints, export)
     if interrupted:
         accelerator.print(f"stopped by {stop_signal.received or 'a signal on another process'} after step "
                           f"{state.step}; saved {final}. Continue with --resume_from_checkpoint latest")
@@ -655,7 +656,7 @@ def main(argv: list[str] | None = None) -> Generator:
     if state.step % args.validation_steps != 0:
         maybe_validate(force=True)
     if accelerator.is_main_process:
-        save_generator(accelerator.unwrap_model(generator), run_dir)
+        export(run_dir)
         accelerator.print(f"saved {final} and the inference generator {run_dir / 'generator.safetensors'}")
     accelerator.end_training()
     if stop_reason:

@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> Tacotron2:
     if state.step % args.validation_steps != 0:
         maybe_validate(force=True)
     if accelerator.is_main_process:
-        save_tacotron2(accelerator.unwrap_model(model), run_dir, extra={"audio": audio})
+        export(run_dir)
         accelerator.print(f"saved {final} and the inference weights {run_dir / 'tacotron2.safetensors'}")
     accelerator.end_training()
     return accelerator.unwrap_model(model)

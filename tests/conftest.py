@@ -26,6 +26,18 @@ TINY_CONFIG = HifiGanConfig(upsample_initial_channel=16, upsample_rates=(8, 8, 4
                             resblock="2", resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1, 2),))
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised TINY_CONFIG generator, exported as train.py exports one (folder + config.json)."""
+    import torch
+
+    from model import Generator, save_generator
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_generator")
+    save_generator(Generator(TINY_CONFIG), folder)
+    return folder
+
+
 def synth_clip(seconds: float, sampling_rate: int = 22050, seed: int = 0) -> np.ndarray:
     """A voiced-speech-like signal: a gliding harmonic tone with an amplitude envelope, plus a little noise."""
     rng = np.random.default_rng(seed)

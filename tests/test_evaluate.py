@@ -13,7 +13,6 @@ import torch
 from conftest import REPO, TINY_CONFIG, shared_path
 
 import evaluate
-from model import Generator, save_generator
 from tacotron2 import Tacotron2, Tacotron2Config, save_tacotron2
 from utils import UserError
 
@@ -23,23 +22,15 @@ TINY = TINY_CONFIG
 ALWAYS_DEFINED = ["DNSMOS P.808", "DNSMOS overall", "log-mel L1", "MCD (dB)", "STOI", "V/UV error", "RTF"]
 
 
-@pytest.fixture(scope="module")
-def tiny_generator(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_generator")
-    save_generator(Generator(TINY), folder)
-    return folder
-
-
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
 
 
-def test_tiny_generator_and_griffin_lim_end_to_end(tmp_path, tiny_corpus, tiny_generator):
+def test_tiny_checkpoint_and_griffin_lim_end_to_end(tmp_path, tiny_corpus, tiny_checkpoint):
     _, test_manifest = tiny_corpus
     output = tmp_path / "eval"
-    results = evaluate.main(["--manifest", str(test_manifest), "--vocoder", f"tiny={tiny_generator}",
+    results = evaluate.main(["--manifest", str(test_manifest), "--vocoder", f"tiny={tiny_checkpoint}",
                              "--griffin_lim", "--device", "cpu", "--output_dir", str(output)])
 
     assert [row["system"] for row in results] == ["ground truth", "tiny", "griffin_lim"]
@@ -63,7 +54,7 @@ def test_tiny_generator_and_griffin_lim_end_to_end(tmp_path, tiny_corpus, tiny_g
     assert len(read_csv(output / "results_per_clip.csv")) == 2 * 3
 
 
-def test_tacotron2_teacher_forced_and_free_running_mels(tmp_path, tiny_corpus, tiny_generator):
+def test_tacotron2_teacher_forced_and_free_running_mels(tmp_path, tiny_corpus, tiny_checkpoint):
     _, test_manifest = tiny_corpus
     torch.manual_seed(0)
     tacotron = Tacotron2(Tacotron2Config(symbols_embedding_dim=16, encoder_embedding_dim=16, decoder_rnn_dim=24,
@@ -73,18 +64,18 @@ def test_tacotron2_teacher_forced_and_free_running_mels(tmp_path, tiny_corpus, t
     taco = tmp_path / "taco"
     # Trained (say) on the normalised-dB mel: evaluate converts the vocoder's log mel to it and back.
     save_tacotron2(tacotron, taco, extra={"audio": {"sampling_rate": 22050, "hop_size": 256, "mel_scale": "db"}})
-    common = ["--manifest", str(test_manifest), "--vocoder", str(tiny_generator), "--taco_weights", str(taco),
+    common = ["--manifest", str(test_manifest), "--vocoder", str(tiny_checkpoint), "--taco_weights", str(taco),
               "--max_clips", "1", "--device", "cpu"]
 
     forced = evaluate.main(common + ["--output_dir", str(tmp_path / "forced")])
-    name = tiny_generator.name  # no NAME= given: the folder names the system
+    name = tiny_checkpoint.name  # no NAME= given: the folder names the system
     assert [row["system"] for row in forced] == ["ground truth", name]
     assert math.isfinite(forced[1]["log-mel L1"]) and math.isfinite(forced[1]["MCD (dB)"])
     assert "teacher-forced" in (tmp_path / "forced" / "results.md").read_text()
 
     save_tacotron2(tacotron, tmp_path / "taco_16k", extra={"audio": {"sampling_rate": 16000}})
     with pytest.raises(UserError, match="sampling_rate=16000"):
-        evaluate.main(["--manifest", str(test_manifest), "--vocoder", str(tiny_generator),
+        evaluate.main(["--manifest", str(test_manifest), "--vocoder", str(tiny_checkpoint),
                        "--taco_weights", str(tmp_path / "taco_16k"), "--output_dir", str(tmp_path)])
 
     # A random Tacotron2 may never fire its stop token: the step limit keeps the run short.

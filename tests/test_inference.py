@@ -13,7 +13,7 @@ import torch
 from conftest import REPO, TINY_CONFIG, shared_path, synth_clip
 
 import inference
-from model import Generator, HifiGanConfig, save_generator
+from model import Generator, HifiGanConfig
 from tacotron2 import Tacotron2, Tacotron2Config, save_tacotron2
 from utils import db_mel_to_log_mel, load_audio, mel_spectrogram
 
@@ -23,14 +23,6 @@ TINY_TACOTRON = dict(symbols_embedding_dim=16, encoder_embedding_dim=16, decoder
                      attention_rnn_dim=24, attention_dim=8, attention_location_n_filters=4,
                      attention_location_kernel_size=7, postnet_embedding_dim=12, n_mel_channels=80,
                      max_decoder_steps=12)
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_generator")
-    save_generator(Generator(TINY), folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -84,6 +84,11 @@ def test_export_round_trip_folds_weight_norm_and_keeps_output(tmp_path):
     assert not any("parametrizations" in k for k in load_file(tmp_path / "generator.safetensors"))  # stored folded
     with torch.no_grad():
         assert torch.allclose(loaded(mel), expected, atol=1e-5)
+        # folded_copy: the same output, plain weights, and the original keeps its weight norm
+        folded = generator.folded_copy()
+        assert not any("parametrizations" in k for k in folded.state_dict())
+        assert any("parametrizations" in k for k in generator.state_dict())
+        assert torch.allclose(folded(mel), expected, atol=1e-5) and torch.allclose(generator(mel), expected)
 
 
 def test_load_generator_refuses_wrong_config_naming_tensor(tmp_path):
