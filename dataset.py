@@ -1,12 +1,15 @@
 """Training and validation data: (input mel, audio segment, loss mel) from a manifest of wavs.
 
-Pretraining computes the input mel from the audio (DESIGN.md §1). Finetuning (--finetune) reads
-teacher-forced mels from `<path_to_saved_mels>/<wav stem>.npy` and crops windows aligned with the
-audio: mel frame i belongs to samples [i*hop, (i+1)*hop) (DESIGN.md §4).
+Pretraining computes the input mel from the audio, peak-normalised to 0.95 as the official recipe does.
+Finetuning (--finetune) reads teacher-forced mels from `<path_to_saved_mels>/<wav stem>.npy` and crops windows
+aligned with the audio, read the way the Tacotron2 read it: `taco_mels.json`, written by save_taco_mels.py beside
+the mels, holds the level convention (NVIDIA's Tacotron2: the recorded level) and the frame shift (NVIDIA's
+centred frames: frame i belongs to the samples [i*hop - hop/2, (i+1)*hop - hop/2)).
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import warnings
@@ -16,17 +19,58 @@ import numpy as np
 import soundfile as sf
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from model import HifiGanConfig
 from utils import UserError, check_audio_files, load_audio, mel_spectrogram, read_manifest
+
+# The official pretraining normalises every clip's peak to 0.95 (a fixed level, a little headroom).
+PRETRAINING_PEAK = 0.95
+SAVED_MELS_INFO = "taco_mels.json"
+# A folder written before save_taco_mels.py recorded its conventions: it always peak-normalised to 0.95
+# and used the vocoder's own frames.
+LEGACY_SAVED_MELS = {"audio_peak": 0.95, "frame_shift": 0}
+
+
+def read_saved_mels_info(folder: str | os.PathLike) -> dict:
+    """How the teacher-forced mels in `folder` were made: level (`audio_peak`), `frame_shift`, `mel` settings."""
+    path = Path(folder) / SAVED_MELS_INFO
+    if not path.is_file():
+        return dict(LEGACY_SAVED_MELS)
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path}: not readable JSON ({error}); re-run save_taco_mels.py --overwrite") from None
+    return {**LEGACY_SAVED_MELS, **info}
+
+
+def check_saved_mels_info(folder: str | os.PathLike, info: dict, overwrite: bool = False) -> None:
+    """Refuse to add mels made one way to a folder of mels made another way: they would need different audio."""
+    folder = Path(folder)
+    if overwrite or not folder.is_dir() or not any(folder.glob("*.npy")):
+        return
+    existing = read_saved_mels_info(folder)
+    changed = [f"{key} {existing[key]} -> {info[key]}" for key in ("audio_peak", "frame_shift", "mel")
+               if key in existing and existing[key] != info[key]]
+    if changed:
+        raise UserError(f"{folder} already holds mels made with other settings ({'; '.join(changed)}); write into "
+                        "another --path_to_save, or pass --overwrite to redo every clip")
+
+
+def write_saved_mels_info(folder: str | os.PathLike, info: dict) -> None:
+    path = Path(folder) / SAVED_MELS_INFO
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 class MelDataset(Dataset):
     """Items are (mel [num_mels, frames], audio [samples], loss_mel [num_mels, frames]).
 
     train=True: random windows of `segment_size` samples (`segment_size // hop` frames); a clip shorter
-    than that is zero-padded, not dropped. train=False: whole utterances (trimmed to a whole number of
-    hops), for validation.
+    than that is zero-padded, not dropped. Pretraining crops at any sample (the mel is taken from the crop);
+    with saved mels the crop starts on a frame boundary. train=False: whole utterances (trimmed to a whole
+    number of hops), for validation.
     """
 
     def __init__(self, manifest: str | os.PathLike, config: HifiGanConfig, segment_size: int = 8192,
@@ -35,7 +79,21 @@ class MelDataset(Dataset):
         if segment_size % config.hop_size != 0:
             raise UserError(f"--segment_size {segment_size} must be a multiple of --hop_size {config.hop_size}")
         self.rows = read_manifest(manifest, check_files=False)
+        self.manifest = manifest
+        self.config = config
+        self.segment_size = segment_size
+        self.train = train
+        self.saved_mels_dir = Path(saved_mels_dir) if saved_mels_dir is not None else None
+        self.seed = seed
+        self.audio_peak, self.frame_shift = PRETRAINING_PEAK, 0
+        if self.saved_mels_dir is not None:
+            info = read_saved_mels_info(self.saved_mels_dir)
+            self._check_mel_settings(info.get("mel") or {})
+            # Target audio at the level and frame offset of the Tacotron2 that made the mels (see module docstring).
+            self.audio_peak, self.frame_shift = info["audio_peak"], int(info["frame_shift"])
         problems = check_audio_files(self.rows, min_seconds=config.hop_size / config.sampling_rate)
+        if self.saved_mels_dir is not None:
+            problems += self._check_saved_mels({id(row) for row, _ in problems}, skip_bad_files)
         report = "\n  ".join(f"line {row.line}: {row.audio_path}: {reason}" for row, reason in problems)
         if problems and not skip_bad_files:
             raise UserError(f"{len(problems)} bad rows in {manifest} (fix them, or pass --skip_bad_files to drop "
@@ -47,17 +105,9 @@ class MelDataset(Dataset):
                           f"\n  {report}", stacklevel=2)
             if not self.rows:
                 raise UserError(f"no usable rows left in {manifest}")
-        self.manifest = manifest
-        self.config = config
-        self.segment_size = segment_size
-        self.train = train
-        self.saved_mels_dir = Path(saved_mels_dir) if saved_mels_dir is not None else None
-        self.seed = seed
         # Shared memory, so that persistent DataLoader workers (which keep their own copy of the
         # dataset) see the epoch the main process sets.
         self._epoch = multiprocessing.Value("i", 0, lock=False)
-        if self.saved_mels_dir is not None:
-            self._check_saved_mels()
         # Build the mel filter banks now, in the main process: DataLoader workers forked later
         # inherit the cache instead of each paying librosa's numba compilation.
         mel_spectrogram(torch.zeros(config.n_fft), **config.mel_kwargs())
@@ -78,66 +128,87 @@ class MelDataset(Dataset):
     def mel_path(self, index: int) -> Path:
         return self.saved_mels_dir / (Path(self.rows[index].audio_path).stem + ".npy")
 
-    def _check_saved_mels(self) -> None:
-        """At start-up, not mid-epoch: every clip has its .npy, with the frame count of its audio (±1)."""
-        missing, mismatched = [], []
-        for index, row in enumerate(self.rows):
-            path = self.mel_path(index)
+    def _check_mel_settings(self, saved: dict) -> None:
+        """The saved mels must be the mel this vocoder reads (the scale included: save_taco_mels converts it)."""
+        ours = self.config.mel_kwargs()
+        ignored = ("min_db", "max_scaled_abs") if ours["mel_scale"] == "log" else ()  # the dB map's parameters
+        changed = [f"{key} {value} (the vocoder's: {ours[key]})" for key, value in saved.items()
+                   if key in ours and key not in ignored and value != ours[key]]
+        if changed:
+            raise UserError(f"the mels in {self.saved_mels_dir} were made with {', '.join(changed)}; re-run "
+                            "save_taco_mels.py with the vocoder's mel flags, or train with the mels' settings")
+
+    def _check_saved_mels(self, already_bad: set[int], skip_bad_files: bool) -> list[tuple]:
+        """At start-up, not mid-epoch: every clip has its .npy, with the frame count of its audio (±1) and only
+        finite values. Missing and misshapen mels stop the run here; with skip_bad_files, or for non-finite
+        values, they come back as (row, reason) problems, reported with the manifest's other bad rows."""
+        missing, mismatched, problems = [], [], []
+        rows = [row for row in self.rows if id(row) not in already_bad]
+        for row in tqdm(rows, desc=f"checking the mels in {self.saved_mels_dir}", unit="mel", leave=False,
+                        disable=len(rows) < 1000):
+            path = self.saved_mels_dir / (Path(row.audio_path).stem + ".npy")
             if not path.is_file():
-                missing.append(path.name)
+                missing.append((row, path))
                 continue
-            shape = np.load(path, mmap_mode="r").shape
+            try:
+                mel = np.load(path, allow_pickle=False)
+            except Exception as error:  # numpy raises ValueError, EOFError, OSError, UnpicklingError...
+                problems.append((row, f"{path.name} is not a readable .npy ({str(error).splitlines()[0][:80]})"))
+                continue
             info = sf.info(row.audio_path)
             frames = round(info.frames * self.config.sampling_rate / info.samplerate) // self.config.hop_size
-            if len(shape) != 2 or shape[0] != self.config.num_mels or abs(shape[1] - frames) > 1:
-                mismatched.append(f"{path.name} {tuple(shape)} vs {frames} frames")
+            if mel.ndim != 2 or mel.shape[0] != self.config.num_mels or abs(mel.shape[1] - frames) > 1:
+                mismatched.append((row, f"{path.name} {tuple(mel.shape)} vs {frames} frames"))
+            elif not np.isfinite(mel).all():
+                # A NaN here would surface only as skipped steps hours later, when its crop comes up.
+                problems.append((row, f"{path.name} has {int((~np.isfinite(mel)).sum())} NaN/inf values; "
+                                      "re-run save_taco_mels.py --overwrite"))
+        if skip_bad_files:
+            return problems + [(row, f"no mel {path.name}") for row, path in missing] + mismatched
         if missing:
             raise UserError(f"{len(missing)} of {len(self.rows)} clips of {self.manifest} have no mel in "
-                            f"{self.saved_mels_dir} (first: {', '.join(missing[:3])}); "
+                            f"{self.saved_mels_dir} (first: {', '.join(path.name for _, path in missing[:3])}); "
                             "run save_taco_mels.py on this manifest")
         if mismatched:
             raise UserError(f"{len(mismatched)} mels in {self.saved_mels_dir} do not match their audio "
-                            f"[{self.config.num_mels}, frames] (first: {'; '.join(mismatched[:3])}); "
+                            f"[{self.config.num_mels}, frames] (first: {'; '.join(m for _, m in mismatched[:3])}); "
                             "re-run save_taco_mels.py with the same mel settings")
+        return problems
 
     def _mel(self, audio: torch.Tensor, for_loss: bool = False) -> torch.Tensor:
         return mel_spectrogram(audio, **self.config.mel_kwargs(for_loss=for_loss))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hop = self.config.hop_size
-        audio = torch.from_numpy(load_audio(self.rows[index].audio_path, self.config.sampling_rate))
-        saved_mel = None
-        if self.saved_mels_dir is not None:
-            saved_mel = torch.from_numpy(np.load(self.mel_path(index)).astype(np.float32))
-            # Teacher-forced mels may be a frame off the audio; keep the part both cover.
-            frames = min(saved_mel.shape[1], len(audio) // hop)
-            saved_mel, audio = saved_mel[:, :frames], audio[:frames * hop]
-        else:
-            # Whole hops only; a clip shorter than one hop keeps one (zero-padded) frame.
-            audio = torch.nn.functional.pad(audio, (0, max(hop - len(audio), 0)))[:max(len(audio) // hop, 1) * hop]
-
-        if not self.train:
-            mel = saved_mel if saved_mel is not None else self._mel(audio)
-            return mel, audio, self._mel(audio, for_loss=True)
-
+        audio = torch.from_numpy(load_audio(self.rows[index].audio_path, self.config.sampling_rate, self.audio_peak))
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        segment_frames = self.segment_size // hop
-        if saved_mel is not None:
-            if saved_mel.shape[1] >= segment_frames:
-                start = int(rng.integers(0, saved_mel.shape[1] - segment_frames + 1))
-                mel = saved_mel[:, start:start + segment_frames]
+        if self.saved_mels_dir is None:
+            if self.train:
+                if len(audio) >= self.segment_size:
+                    # Any sample, as the official recipe: the mel is computed from the crop itself.
+                    start = int(rng.integers(0, len(audio) - self.segment_size + 1))
+                    audio = audio[start:start + self.segment_size]
+                else:
+                    audio = torch.nn.functional.pad(audio, (0, self.segment_size - len(audio)))
+            else:
+                # Whole hops only; a clip shorter than one hop keeps one (zero-padded) frame.
+                audio = torch.nn.functional.pad(audio, (0, max(hop - len(audio), 0)))[:max(len(audio) // hop, 1) * hop]
+            return self._mel(audio), audio, self._mel(audio, for_loss=True)
+
+        saved_mel = torch.from_numpy(np.load(self.mel_path(index)).astype(np.float32))
+        # Delay the audio by the frame shift, so that frame i's samples are audio[i*hop:(i+1)*hop] (the vocoder's).
+        audio = torch.nn.functional.pad(audio, (self.frame_shift, 0))
+        # Teacher-forced mels may be a frame off the audio; keep the part both cover.
+        frames = min(saved_mel.shape[1], len(audio) // hop)
+        saved_mel, audio = saved_mel[:, :frames], audio[:frames * hop]
+        if self.train:
+            segment_frames = self.segment_size // hop
+            if frames >= segment_frames:
+                start = int(rng.integers(0, frames - segment_frames + 1))
+                saved_mel = saved_mel[:, start:start + segment_frames]
                 audio = audio[start * hop:(start + segment_frames) * hop]
             else:
-                mel = torch.nn.functional.pad(saved_mel, (0, segment_frames - saved_mel.shape[1]),
-                                              value=float(saved_mel.min()) if saved_mel.numel() else -11.5)
+                saved_mel = torch.nn.functional.pad(saved_mel, (0, segment_frames - frames),
+                                                    value=float(saved_mel.min()) if saved_mel.numel() else -11.5)
                 audio = torch.nn.functional.pad(audio, (0, self.segment_size - len(audio)))
-        else:
-            if len(audio) >= self.segment_size:
-                # Start on a hop boundary, so that the mel of the segment is frame-aligned with the
-                # whole clip's mel (the same frames a teacher-forced mel would have).
-                start = int(rng.integers(0, (len(audio) - self.segment_size) // hop + 1)) * hop
-                audio = audio[start:start + self.segment_size]
-            else:
-                audio = torch.nn.functional.pad(audio, (0, self.segment_size - len(audio)))
-            mel = self._mel(audio)
-        return mel, audio, self._mel(audio, for_loss=True)
+        return saved_mel, audio, self._mel(audio, for_loss=True)

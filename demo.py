@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     generator = load_generator(run_dir)
     config = generator.config
     clip = read_manifest(test_manifest)[0].audio_path
-    audio = torch.from_numpy(load_audio(clip, config.sampling_rate))
+    audio = torch.from_numpy(load_audio(clip, config.sampling_rate, peak=None))  # copy-synthesis keeps the level
     with torch.inference_mode():
         mel = mel_spectrogram(audio, **config.mel_kwargs())
         generated = generator(mel.unsqueeze(0)).squeeze()

@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 import metrics
 from inference import griffin_lim, load_tacotron, load_vocoder, text_to_mel, vocode
 from model import Generator, HifiGanConfig
+from tacotron2 import text_to_sequence
+from tacotron2.teacher_forcing import for_vocoder, frame_shift, ground_truth_mel, teacher_forced_mels
 from utils import ManifestRow, UserError, load_audio, mel_spectrogram, read_manifest, run_cli, save_audio
 
 GROUND_TRUTH = "ground truth"
@@ -114,21 +116,18 @@ def build_systems(args: argparse.Namespace, device: torch.device) -> list[System
 # Mels
 # ---------------------------------------------------------------------------------------------
 
-def teacher_forced_mel(tacotron: torch.nn.Module, transcript: str, mel: torch.Tensor,
+def teacher_forced_mel(tacotron: torch.nn.Module, transcript: str, audio: np.ndarray,
                        config: HifiGanConfig) -> torch.Tensor:
-    """Tacotron2's post-net mel [num_mels, frames] when fed the ground-truth frames: aligned with the recording.
+    """Tacotron2's post-net mel [num_mels, frames] when fed the ground-truth frames of `audio`: aligned with it.
 
-    save_taco_mels.py's own teacher forcing, so the evaluated mels are the ones finetuning uses. `mel` is on
-    the vocoder's scale; a Tacotron2 trained on the other scale (its config.json's "audio", read by
-    inference.load_tacotron) gets its own, and the result comes back converted.
+    save_taco_mels.py's own teacher forcing, so the evaluated mels are the ones finetuning uses. `audio` is the
+    recording read the Tacotron2's way (its level); the mel comes back on the vocoder's scale, len // hop frames.
     """
-    from save_taco_mels import DEFAULT_AUDIO, convert_scale, teacher_forced_mels
-    from tacotron2 import text_to_sequence
-    vocoder_audio = config.mel_kwargs()
-    taco_audio = {**DEFAULT_AUDIO, **(getattr(tacotron, "audio", None) or {})}
+    settings = tacotron.audio
     tokens = torch.tensor(text_to_sequence(transcript), dtype=torch.long)
-    taco_mel = teacher_forced_mels(tacotron, [tokens], [convert_scale(mel, vocoder_audio, taco_audio)])[0]
-    return convert_scale(taco_mel.float().cpu(), taco_audio, vocoder_audio)
+    mel = ground_truth_mel(torch.from_numpy(audio), settings)
+    taco_mel = teacher_forced_mels(tacotron, [tokens], [mel])[0]
+    return for_vocoder(taco_mel.cpu(), len(audio), settings, config.mel_kwargs())
 
 
 def load_tacotron_for(args: argparse.Namespace, systems: list[System], rows: list[ManifestRow],
@@ -153,23 +152,38 @@ def load_tacotron_for(args: argparse.Namespace, systems: list[System], rows: lis
 
 
 class Clip:
-    """One clip's recording and mel, per sampling rate / mel convention among the systems, made once and shared."""
+    """One clip's recording and mel, per sampling rate / mel convention among the systems, made once and shared.
+
+    The recording keeps its level (a MOS predictor scores the same audio lower or higher at another level), so
+    ground-truth mels are taken from it as recorded. With teacher-forced mels, it is read the Tacotron2's way: at
+    its level convention, and delayed by its frame shift, so that every system is compared with the recording at
+    the level and alignment its mel stands for.
+    """
 
     def __init__(self, row: ManifestRow, tacotron: torch.nn.Module | None, free_running: bool,
                  max_decoder_steps: int | None = None):
         self.row, self.tacotron, self.free_running = row, tacotron, free_running
         self.max_decoder_steps = max_decoder_steps
-        self.references: dict[int, np.ndarray] = {}
+        self.recordings: dict[int, np.ndarray] = {}
         self.mels: dict[tuple, torch.Tensor] = {}
+        teacher_forced = tacotron is not None and not free_running
+        self.peak = tacotron.audio["audio_peak"] if teacher_forced else None
+        self.shift = frame_shift(tacotron.audio) if teacher_forced else 0
 
-    def reference(self, sampling_rate: int) -> np.ndarray:
-        if sampling_rate not in self.references:
-            audio = load_audio(self.row.audio_path, sampling_rate)
+    def recording(self, sampling_rate: int) -> np.ndarray:
+        """The recording at `sampling_rate` (at the Tacotron2's level convention with teacher-forced mels)."""
+        if sampling_rate not in self.recordings:
+            audio = load_audio(self.row.audio_path, sampling_rate, peak=self.peak)
             if len(audio) < sampling_rate // 100:
                 raise UserError(f"line {self.row.line}: {self.row.audio_path} is {len(audio)} samples long, too "
                                 "short to score; remove it from the manifest")
-            self.references[sampling_rate] = audio
-        return self.references[sampling_rate]
+            self.recordings[sampling_rate] = audio
+        return self.recordings[sampling_rate]
+
+    def reference(self, sampling_rate: int) -> np.ndarray:
+        """What the vocoded audio is compared with: the recording, delayed as the vocoder's frames are."""
+        audio = self.recording(sampling_rate)
+        return np.concatenate([np.zeros(self.shift, audio.dtype), audio]) if self.shift else audio
 
     def mel(self, config: HifiGanConfig) -> torch.Tensor:
         key = tuple(sorted(config.mel_kwargs().items()))
@@ -178,10 +192,11 @@ class Clip:
             torch.manual_seed(self.row.line)
             if self.free_running:
                 mel, _ = text_to_mel(self.tacotron, self.row.transcript, config, self.max_decoder_steps)
+            elif self.tacotron is not None:
+                mel = teacher_forced_mel(self.tacotron, self.row.transcript, self.recording(config.sampling_rate),
+                                         config)
             else:
                 mel = mel_spectrogram(torch.from_numpy(self.reference(config.sampling_rate)), **config.mel_kwargs())
-                if self.tacotron is not None:
-                    mel = teacher_forced_mel(self.tacotron, self.row.transcript, mel, config)
             self.mels[key] = mel.float().cpu()
         return self.mels[key]
 
@@ -316,7 +331,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in tqdm(rows, desc="evaluating", unit="clip"):
         clip = Clip(row, tacotron, args.free_running, args.max_decoder_steps)
         stem = Path(row.audio_path).stem
-        per_clip[GROUND_TRUTH].append({"clip": stem, **mos_scores(clip.reference(ground_truth_rate), ground_truth_rate,
+        per_clip[GROUND_TRUTH].append({"clip": stem, **mos_scores(clip.recording(ground_truth_rate), ground_truth_rate,
                                                                    args.utmos_checkpoint, use_utmos)})
         for system in systems:
             audio = timed_synthesis(system, clip.mel(system.config), args.griffin_lim_iters)

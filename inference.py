@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from model import Generator, HifiGanConfig, load_generator, resolve_config
 from tacotron2 import Tacotron2, load_tacotron2, text_to_sequence
+from tacotron2.teacher_forcing import mel_settings
 from utils import (
     UserError,
     _mel_basis,
@@ -310,8 +311,12 @@ def griffin_lim(mel: torch.Tensor, config: HifiGanConfig, n_iters: int = 60) -> 
 # ---------------------------------------------------------------------------------------------
 
 def mel_from_wav(path: str | os.PathLike, config: HifiGanConfig) -> torch.Tensor:
-    """Copy-synthesis input: the clip peak-normalised as in training (load_audio) -> mel [num_mels, frames]."""
-    audio = load_audio(path, config.sampling_rate)
+    """Copy-synthesis input: the clip at its recorded level -> mel [num_mels, frames].
+
+    Not peak-normalised (as the official inference): the vocoded file then has the level of the recording it
+    stands for, and can be compared with it as it is.
+    """
+    audio = load_audio(path, config.sampling_rate, peak=None)
     if len(audio) < config.hop_size:
         raise UserError(f"{path}: {len(audio)} samples, shorter than one mel frame ({config.hop_size} samples)")
     return mel_spectrogram(torch.from_numpy(audio), **config.mel_kwargs())
@@ -335,19 +340,10 @@ def load_mel(path: str | os.PathLike, config: HifiGanConfig, mmap: bool = False)
 
 
 def load_tacotron(path: str | os.PathLike, device: str | torch.device = "cpu") -> Tacotron2:
-    """tacotron2.load_tacotron2 plus the mel parameters this repo's checkpoints store in config.json ("audio").
-
-    They land in `model.audio` ({} for NVIDIA's files, which use the default log mel) for text_to_mel.
-    """
+    """tacotron2.load_tacotron2 plus its mel settings (tacotron2.teacher_forcing.mel_settings: NVIDIA's for NVIDIA's
+    file, else what its config.json's "audio" records) in `model.audio`, for text_to_mel and teacher forcing."""
     model = load_tacotron2(path).to(device)
-    config_file = (Path(path) if Path(path).is_dir() else Path(path).parent) / "config.json"
-    audio = {}
-    if Path(path).suffix == ".safetensors" or Path(path).is_dir():
-        try:
-            audio = json.loads(config_file.read_text()).get("audio") or {}
-        except (OSError, ValueError, AttributeError):
-            audio = {}
-    model.audio = audio
+    model.audio = mel_settings(path)
     return model
 
 

@@ -9,9 +9,10 @@ and the post-net mel comes out, frame for frame. It is written as `<path_to_save
 [num_mels, frames] with frames == len(audio) // hop_size, the frames of the clip's ground-truth mel (DESIGN.md §1),
 in the vocoder's --mel_scale. `train.py --finetune --path_to_saved_mels DIR` reads them.
 
---taco_weights: a checkpoint folder of tacotron2/train.py, a save_tacotron2 export, or NVIDIA's
-tacotron2_statedict.pt. The mel parameters come from the checkpoint's config.json ("audio"); NVIDIA's file has none
-and uses DESIGN.md §1's defaults (22050 Hz, 80 mels, n_fft 1024, hop 256, fmax 8000, natural log), as here.
+Each clip is read and framed the way the Tacotron2's training data was (tacotron2/teacher_forcing.py): NVIDIA's
+tacotron2_statedict.pt at the recorded level with centred STFT frames; a checkpoint folder or export of
+tacotron2/train.py with the settings in its config.json ("audio"). `DIR/taco_mels.json` records the level and the
+frame offset of the mels, and finetuning reads its target audio the same way, so mel and audio line up.
 """
 
 from __future__ import annotations
@@ -27,17 +28,20 @@ import soundfile as sf
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
-from tacotron2 import Tacotron2, load_tacotron2, text_to_sequence
-from tacotron2.model import padding_mask
-from tacotron2.train import collate, stored_audio
-from utils import UserError, db_mel_to_log_mel, load_audio, log_mel_to_db_mel, mel_spectrogram, read_manifest, run_cli
+from dataset import check_saved_mels_info, write_saved_mels_info
+from tacotron2 import load_tacotron2, text_to_sequence
+from tacotron2.teacher_forcing import (
+    for_vocoder,
+    frame_shift,
+    ground_truth_mel,
+    load_clip,
+    mel_settings,
+    teacher_forced_mels,
+)
+from utils import UserError, read_manifest, run_cli
 
-# DESIGN.md §1's mel: the official HiFi-GAN's and NVIDIA's Tacotron2's.
-DEFAULT_AUDIO = dict(sampling_rate=22050, num_mels=80, n_fft=1024, window_size=1024, hop_size=256, fmin=0.0,
-                     fmax=8000.0, mel_scale="log", min_db=-100.0, max_scaled_abs=4.0)
 MEL_FLAGS = ("sampling_rate", "num_mels", "n_fft", "window_size", "hop_size", "fmin", "fmax")
 
 
@@ -69,57 +73,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def resolve_audio(args: argparse.Namespace, stored: dict) -> tuple[dict, dict]:
-    """(the mel the Tacotron2 reads and writes, the mel written out) as utils.mel_spectrogram keyword arguments."""
-    taco = {**DEFAULT_AUDIO, **{k: v for k, v in stored.items() if k in DEFAULT_AUDIO}}
+def resolve_audio(args: argparse.Namespace, weights: str) -> tuple[dict, dict]:
+    """(the Tacotron2's mel settings, the scale written out) -- see tacotron2.teacher_forcing.mel_settings."""
+    taco = mel_settings(weights)
     for name in MEL_FLAGS:
         value = getattr(args, name)
         if value is None:
             continue
-        if name in stored and stored[name] != value:
+        if taco[name] != value:
             # Teacher forcing with a mel the model was not trained on gives meaningless output; allowed, but said.
-            warnings.warn(f"--{name} {value} differs from the {stored[name]} this Tacotron2 was trained with",
+            warnings.warn(f"--{name} {value} differs from the {taco[name]} this Tacotron2 was trained with",
                           stacklevel=2)
         taco[name] = value
     out = {**taco, "mel_scale": args.mel_scale,
            "min_db": taco["min_db"] if args.min_db is None else args.min_db,
            "max_scaled_abs": taco["max_scaled_abs"] if args.max_scaled_abs is None else args.max_scaled_abs}
     return taco, out
-
-
-def convert_scale(mel: torch.Tensor, source: dict, target: dict) -> torch.Tensor:
-    """A mel in `source`'s scale (log or db) re-expressed in `target`'s (the two are affine images of each other)."""
-    if source["mel_scale"] == "db":
-        mel = db_mel_to_log_mel(mel, source["min_db"], source["max_scaled_abs"])
-    if target["mel_scale"] == "db":
-        mel = log_mel_to_db_mel(mel, target["min_db"], target["max_scaled_abs"])
-    return mel
-
-
-@torch.no_grad()
-def teacher_forced_mels(model: Tacotron2, tokens: list[torch.Tensor], mels: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Post-net mels [n_mel, frames] of a batch of clips, each exactly as long as its ground-truth mel.
-
-    `model` is in eval mode: batch norm uses its running statistics and the encoder, attention, decoder and
-    post-net dropouts are off. The prenet's dropout stays on: NVIDIA's Prenet calls `F.dropout(..., training=True)`
-    whatever the mode, so the ground-truth-aligned (GTA) scripts built on NVIDIA's model, which call `model.eval()`
-    and then the teacher-forced forward, keep it; so does this. The decoder then sees its inputs through
-    the same dropout as in training and at inference, so the mels resemble what free-running synthesis produces.
-    """
-    # Tacotron2.forward, taken apart so that no clip depends on what it is batched with: the encoder's convolutions
-    # would read the pad symbol's embedding past a shorter transcript's end, and the post-net's the padding past a
-    # shorter clip's last frame. Both are cheap and run per clip; the decoder (the step-by-step loop, the cost) runs
-    # batched, its attention masked to each transcript, so every clip comes out as if it had been alone.
-    device = model.embedding.weight.device
-    memory = pad_sequence([model.encode(t[None].to(device))[0] for t in tokens], batch_first=True)
-    text_lengths = torch.tensor([len(t) for t in tokens], device=device)
-    _, _, mel_padded, _, output_lengths = collate(list(zip(tokens, mels)))
-    mel_decoder, _, _ = model.decoder(memory, mel_padded.to(device), padding_mask(text_lengths, memory.shape[1]))
-    outputs = []
-    for i, frames in enumerate(output_lengths.tolist()):
-        clip = mel_decoder[i:i + 1, :, :frames]
-        outputs.append((clip + model.postnet(clip))[0])
-    return outputs
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
@@ -137,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and accelerator.device.type != "cuda":
         raise UserError("--device cuda, but torch sees no CUDA device here; use --device auto or cpu")
     model = load_tacotron2(args.taco_weights).to(accelerator.device)
-    taco_audio, out_audio = resolve_audio(args, stored_audio(args.taco_weights))
+    taco_audio, out_audio = resolve_audio(args, args.taco_weights)
     if taco_audio["num_mels"] != model.config.n_mel_channels:
         raise UserError(f"{args.taco_weights} predicts {model.config.n_mel_channels} mel channels, but the mel "
                         f"settings say {taco_audio['num_mels']}; drop --num_mels or fix it")
@@ -157,9 +126,21 @@ def main(argv: list[str] | None = None) -> int:
             clips.append((manifest, row))
     out_dir = Path(args.path_to_save)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # How finetuning must read the target audio of these mels; a folder holding mels made otherwise is refused
+    # (unless --overwrite), since its old and new mels would need different audio.
+    info = {"audio_peak": taco_audio["audio_peak"], "frame_shift": frame_shift(taco_audio),
+            "mel": {key: out_audio[key] for key in (*MEL_FLAGS, "mel_scale", "min_db", "max_scaled_abs")},
+            "tacotron2": str(args.taco_weights)}
+    check_saved_mels_info(out_dir, info, overwrite=args.overwrite)  # every process: any may have to stop
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_saved_mels_info(out_dir, info)
+    level = "as recorded" if info["audio_peak"] is None else f"peak-normalised to {info['audio_peak']}"
+    frames = "centred STFT frames" if info["frame_shift"] else "the vocoder's STFT frames"
     accelerator.print(f"{len(clips)} clips -> {out_dir} ({model.config.n_mel_channels} mels, hop "
                       f"{taco_audio['hop_size']}, Tacotron2 mel {taco_audio['mel_scale']}, written "
-                      f"{out_audio['mel_scale']}) on {accelerator.num_processes} process(es), {accelerator.device}")
+                      f"{out_audio['mel_scale']}; audio {level}, {frames}) on {accelerator.num_processes} "
+                      f"process(es), {accelerator.device}")
     # Seeded per process: reruns give the same mels (the prenet dropout is random).
     torch.manual_seed(args.seed + accelerator.process_index)
 
@@ -196,20 +177,20 @@ def main(argv: list[str] | None = None) -> int:
             batch = []
             for _, manifest, row, tokens in todo[start:start + args.batch_size]:
                 try:
-                    audio = torch.from_numpy(load_audio(row.audio_path, taco_audio["sampling_rate"]))
+                    audio = torch.from_numpy(load_clip(row.audio_path, taco_audio))
                 except UserError as error:
                     fail(manifest, row, str(error))
                     continue
                 if len(audio) < taco_audio["hop_size"]:
                     fail(manifest, row, f"shorter than one hop ({len(audio)} samples)")
                     continue
-                # Exactly len(audio) // hop_size frames (DESIGN.md §1), and teacher forcing keeps the count.
-                batch.append((manifest, row, tokens, mel_spectrogram(audio, **taco_audio)))
+                # The Tacotron2's own frames (NVIDIA's: one more than len // hop); teacher forcing keeps the count.
+                batch.append((manifest, row, tokens, ground_truth_mel(audio, taco_audio), len(audio)))
             if not batch:
                 continue
             mels = teacher_forced_mels(model, [item[2] for item in batch], [item[3] for item in batch])
-            for (_, row, _, _), mel in zip(batch, mels):
-                mel = convert_scale(mel.float(), taco_audio, out_audio)
+            for (_, row, _, _, num_samples), mel in zip(batch, mels):
+                mel = for_vocoder(mel, num_samples, taco_audio, out_audio)  # len(audio) // hop frames
                 write_npy(out_dir / f"{Path(row.audio_path).stem}.npy", mel.cpu().numpy().astype(np.float32))
                 wrote += 1
                 progress.update(1)

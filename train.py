@@ -140,14 +140,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--finetune", action="store_true")
     add("--path_to_saved_mels", default=None, help="folder of <wav stem>.npy teacher-forced mels")
     add("--path_to_pretrained_weights", default=None,
-        help="a checkpoint folder of this repo, a generator export, or an official g_XXXXXXXX file "
+        help="a run or checkpoint folder of this repo, a generator export, or an official g_XXXXXXXX file "
              "(its do_XXXXXXXX beside it is loaded for the discriminators)")
+    add("--continue_optimizer_state", action="store_true",
+        help="with --finetune: also continue the pretraining run's optimisers and learning-rate schedules (Adam "
+             "moments, the decayed learning rate; --learning_rate is then ignored), as the official recipe does. "
+             "Needs a run/checkpoint folder of this repo, or an official g_ file with its do_ file beside it")
     args = parser.parse_args(argv)
     for name in ("upsample_rates", "upsample_kernel_sizes", "resblock_kernel_sizes", "mpd_periods"):
         if getattr(args, name) is not None:  # nargs="+" of lists -> one flat list
             setattr(args, name, tuple(itertools.chain.from_iterable(getattr(args, name))))
     if args.finetune and not (args.path_to_saved_mels and args.path_to_pretrained_weights):
         parser.error("--finetune needs --path_to_saved_mels DIR and --path_to_pretrained_weights CKPT")
+    if args.continue_optimizer_state and not args.finetune:
+        parser.error("--continue_optimizer_state goes with --finetune (to continue a run itself, use "
+                     "--resume_from_checkpoint)")
     return args
 
 
@@ -199,26 +206,128 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("checkpoint_")))
 
 
+# What a failed write (full disk, quota, I/O error) raises: OSError from Python's own writes; safetensors a
+# SafetensorError ("Error while serializing: I/O error: No space left on device (os error 28)"); torch.save's zip
+# writer a RuntimeError that has lost the errno ("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs
+# 598", raised while handling "basic_ios::clear: iostream error"; or "PytorchStreamWriter failed writing file ...:
+# file write failed"). Other RuntimeErrors (CUDA, bugs) keep their traceback.
+_WRITE_FAILURE_MARKERS = ("I/O error", "os error", "No space left", "Disk quota", "file write failed",
+                          "PytorchStreamWriter", "unexpected pos", "iostream error")
+
+
+def _is_write_error(error: Exception) -> bool:
+    from safetensors import SafetensorError
+    if isinstance(error, OSError):
+        return True
+    text = f"{error} {error.__context__ or ''}"
+    return isinstance(error, (RuntimeError, SafetensorError)) and any(m in text for m in _WRITE_FAILURE_MARKERS)
+
+
+def _describe_write_error(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror + (f": {error.filename}" if error.filename else "")
+    text = str(error)
+    if error.__context__ is not None and str(error.__context__) not in text:
+        text += f" ({error.__context__})"
+    if text.startswith("[enforce fail at") and "]" in text:  # torch's C++ source location: noise to a user
+        text = text.split("]", 1)[1].lstrip(" .")
+    if isinstance(error, RuntimeError):  # only torch.save's zip writer gets here (see _WRITE_FAILURE_MARKERS)
+        text = f"torch.save failed: {text}"
+    return " ".join(text.split())[:300]
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+
+
+def _human_bytes(size: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size / 1e3:.0f} kB"
+
+
+def _remove_partial_checkpoints(run_dir: Path) -> list[Path]:
+    """Delete .tmp_checkpoint_* folders (writes that never finished): never resumable, and they hold disk space."""
+    partials = sorted(run_dir.glob(".tmp_checkpoint_*"))
+    for partial in partials:
+        shutil.rmtree(partial, ignore_errors=True)
+    return partials
+
+
+def _on_any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """`flag` or-ed over all processes. Collective: every process must reach it."""
+    if accelerator.num_processes == 1:
+        return flag
+    total = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum")
+    return bool(total.item() > 0)
+
+
+def _write_failed(accelerator: Accelerator, run_dir: Path, tmp: Path, step: int, error: Exception | None
+                  ) -> UserError:
+    """Remove the partial folder; one line: what failed, where, the space needed and free, where to resume.
+    Every process calls it (it ends in a barrier)."""
+    if accelerator.is_main_process:
+        for bar in list(tqdm._instances):  # end the progress bar's line, so the error prints on a line of its own
+            bar.close()
+        written = _folder_bytes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        complete = complete_checkpoints(run_dir)
+        needed = _folder_bytes(complete[-1]) if complete else written
+        reason = _describe_write_error(error) if error else "it failed on another process"
+        then = (f"free some space, then continue from the last complete checkpoint {complete[-1]} with "
+                "--resume_from_checkpoint latest" if complete else
+                "there is no complete checkpoint to resume from: free some space and start again")
+        free = shutil.disk_usage(run_dir).free
+        message = (f"could not write checkpoint_{step} into {tmp} ({reason}); removed that partial folder. "
+                   f"A checkpoint needs about {_human_bytes(needed)}{'' if complete else ' or more'}, "
+                   f"{'only ' if free < needed else ''}{_human_bytes(free)} is free there; {then}")
+    else:
+        message = (f"process {accelerator.process_index}: writing checkpoint_{step} failed"
+                   + (f" ({_describe_write_error(error)})" if error else " on another process"))
+    accelerator.wait_for_everyone()  # the other ranks' lines come after the main process closed its bar
+    return UserError(message)
+
+
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, keep_last: int,
                     export: Callable[[Path], None]) -> Path:
     """save_state into a temporary folder, add the inference weights (`export(folder)`), then rename: a kill at
-    any moment leaves the last complete checkpoint intact."""
+    any moment leaves the last complete checkpoint intact. A failed write (full disk) removes the partial folder
+    and raises a one-line UserError."""
     final = run_dir / f"checkpoint_{state.step}"
     tmp = run_dir / f".tmp_checkpoint_{state.step}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        (tmp / "train_state.json").write_text(json.dumps(dataclasses.asdict(state)))
-        export(tmp)
-        (tmp / COMPLETE_MARKER).write_text(f"step {state.step}\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in complete_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        _remove_partial_checkpoints(run_dir)  # this step's and a killed run's: they may be what fills the disk
     accelerator.wait_for_everyone()
+    # Every process writes (its RNG state at least). Each catches its own write error, then all agree through a
+    # collective that all of them reach, so under DDP every rank raises together rather than waiting in a barrier
+    # for one that has exited; only the main process cleans up and says why. Any other exception still leaves the
+    # others waiting until `accelerate launch` (torchrun) sees the failed rank and terminates the rest.
+    error = None
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / "train_state.json").write_text(json.dumps(dataclasses.asdict(state)))
+            export(tmp)
+            (tmp / COMPLETE_MARKER).write_text(f"step {state.step}\n")
+    except Exception as caught:
+        if not _is_write_error(caught):
+            raise
+        error = caught
+    if _on_any_process(accelerator, error is not None):
+        raise _write_failed(accelerator, run_dir, tmp, state.step, error) from error
+    if accelerator.is_main_process:
+        try:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as caught:
+            error = caught
+        else:
+            for old in complete_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+    if _on_any_process(accelerator, error is not None):  # also the barrier: nobody goes on before the rename
+        raise _write_failed(accelerator, run_dir, tmp, state.step, error) from error
     return final
 
 
@@ -256,6 +365,10 @@ class StopSignal:
 
 
 def find_resume_checkpoint(value: str, run_dir: Path) -> Path | None:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:  # the main process
+        for partial in _remove_partial_checkpoints(run_dir):
+            print(f"ignoring incomplete checkpoint {partial} (the run was killed while writing it); removed it")
     if value != "latest":
         path = Path(value)
         if not (path / COMPLETE_MARKER).exists():
@@ -263,8 +376,6 @@ def find_resume_checkpoint(value: str, run_dir: Path) -> Path | None:
                             f"(no {COMPLETE_MARKER} file inside); pass 'latest' or another checkpoint_<step>")
         return path
     checkpoints = complete_checkpoints(run_dir)
-    for partial in sorted(run_dir.glob(".tmp_checkpoint_*")):
-        print(f"ignoring incomplete checkpoint {partial} (the run was killed while writing it)")
     for unmarked in sorted(set(run_dir.glob("checkpoint_*")) - set(checkpoints)):
         print(f"ignoring {unmarked}: it has no {COMPLETE_MARKER} file, so it may be incomplete")
     return checkpoints[-1] if checkpoints else None
@@ -307,9 +418,7 @@ def load_training_state(accelerator: Accelerator, checkpoint: Path, config: dict
 
 def load_pretrained(path: str, generator: Generator, mpd: torch.nn.Module, msd: torch.nn.Module) -> str:
     """Start weights for --finetune: a run or checkpoint of this repo, a generator export, or official g_/do_ files."""
-    path = Path(path)
-    if path.is_dir() and not (path / "model.safetensors").exists() and complete_checkpoints(path):
-        path = complete_checkpoints(path)[-1]  # a run folder: its newest checkpoint has the discriminators too
+    path = pretrained_checkpoint(path)  # a run folder: its newest checkpoint has the discriminators too
     if path.is_dir() and (path / "model.safetensors").exists():  # a checkpoint_<step> folder of this repo
         from safetensors.torch import load_file
         # accelerate numbers the models in the order train.py prepares them: generator, mpd, msd.
@@ -326,6 +435,55 @@ def load_pretrained(path: str, generator: Generator, mpd: torch.nn.Module, msd: 
         load_discriminators(discriminator_file, mpd, msd)
         return f"generator from {path}, discriminators from {discriminator_file}"
     return f"generator from {path} (discriminators start fresh)"
+
+
+def pretrained_checkpoint(path: str | os.PathLike) -> Path:
+    """A run folder's newest complete checkpoint; any other path as it is."""
+    path = Path(path)
+    if path.is_dir() and not (path / "model.safetensors").exists() and complete_checkpoints(path):
+        return complete_checkpoints(path)[-1]
+    return path
+
+
+def continue_optimizer_state(path: str, optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
+                             schedulers: tuple) -> str:
+    """Load the (generator, discriminator) optimiser and scheduler states of a pretraining run into this run's.
+
+    From a checkpoint of this repo (accelerate's optimizer*.bin / scheduler*.bin) or an official do_XXXXXXXX
+    (keys optim_g, optim_d and epoch: the official code rebuilds its ExponentialLR at that epoch).
+    """
+    checkpoint = pretrained_checkpoint(path)
+    if checkpoint.is_dir() and (checkpoint / "optimizer.bin").exists():
+        states = [torch.load(checkpoint / name, map_location="cpu", weights_only=True)
+                  for name in ("optimizer.bin", "optimizer_1.bin", "scheduler.bin", "scheduler_1.bin")]
+        optimizer_states, scheduler_states = states[:2], states[2:]
+    elif checkpoint.name.startswith("g_") and (checkpoint.parent / checkpoint.name.replace("g_", "do_", 1)).exists():
+        official = torch.load(checkpoint.parent / checkpoint.name.replace("g_", "do_", 1), map_location="cpu",
+                              weights_only=True)
+        if not {"optim_g", "optim_d", "epoch"} <= set(official):
+            raise UserError(f"{checkpoint.parent / checkpoint.name.replace('g_', 'do_', 1)} has no optimiser state "
+                            "(keys optim_g, optim_d, epoch); finetune without --continue_optimizer_state")
+        optimizer_states = [official["optim_g"], official["optim_d"]]
+        scheduler_states = [{"last_epoch": official["epoch"], "_step_count": official["epoch"] + 1,
+                             "base_lrs": [group["initial_lr"] for group in state["param_groups"]],
+                             "_last_lr": [group["lr"] for group in state["param_groups"]]}
+                            for state in optimizer_states]
+    else:
+        raise UserError(f"--continue_optimizer_state: {path} holds no optimiser state; pass a run or checkpoint folder "
+                        "of this repo or an official g_ file with its do_ file, or finetune without the flag")
+    for optimizer, state, name in zip(optimizers, optimizer_states, ("generator", "discriminator")):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        saved = [state["state"].get(index, {}).get("exp_avg") for index in range(len(params))]
+        if len(state["state"]) > len(params) or any(
+                moment is not None and moment.shape != param.shape for moment, param in zip(saved, params)):
+            raise UserError(f"the {name} optimiser state in {checkpoint} belongs to another model; use the model "
+                            "flags of the pretraining run, or finetune without --continue_optimizer_state")
+        optimizer.load_state_dict(state)
+    for scheduler, state in zip(schedulers, scheduler_states):
+        scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper, or a plain scheduler
+        scheduler.load_state_dict({**scheduler.state_dict(), **state})
+    return (f"optimisers and schedules continued from {checkpoint}: learning rate "
+            f"{optimizers[0].param_groups[0]['lr']:.3g} (--learning_rate ignored)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,6 +706,9 @@ def main(argv: list[str] | None = None) -> Generator:
     # DDP average gradients across processes.
     generator, mpd, msd, optim_g, optim_d, scheduler_g, scheduler_d, train_loader = accelerator.prepare(
         generator, mpd, msd, optim_g, optim_d, scheduler_g, scheduler_d, train_loader)
+    if args.continue_optimizer_state:
+        accelerator.print(continue_optimizer_state(args.path_to_pretrained_weights, (optim_g, optim_d),
+                                                   (scheduler_g, scheduler_d)))
     state = resume(accelerator, args.resume_from_checkpoint, run_dir, config.to_dict())
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -656,7 +817,15 @@ def main(argv: list[str] | None = None) -> Generator:
     if state.step % args.validation_steps != 0:
         maybe_validate(force=True)
     if accelerator.is_main_process:
-        export(run_dir)
+        try:
+            export(run_dir)
+        except Exception as error:
+            if not _is_write_error(error):
+                raise
+            raise UserError(f"saved {final}, but could not write the inference generator into {run_dir} "
+                            f"({_describe_write_error(error)}); nothing is lost: {final} holds the same "
+                            "generator.safetensors and config.json, so pass that folder to inference.py --checkpoint"
+                            ) from error
         accelerator.print(f"saved {final} and the inference generator {run_dir / 'generator.safetensors'}")
     accelerator.end_training()
     if stop_reason:

@@ -58,12 +58,19 @@ def _hann_window(window_size: int, device: torch.device) -> torch.Tensor:
 
 def mel_spectrogram(audio: torch.Tensor, *, sampling_rate: int, n_fft: int, num_mels: int, hop_size: int,
                     window_size: int, fmin: float, fmax: float | None, mel_scale: str = "log",
-                    min_db: float = -100.0, max_scaled_abs: float = 4.0) -> torch.Tensor:
+                    min_db: float = -100.0, max_scaled_abs: float = 4.0, center: bool = False) -> torch.Tensor:
     """Mel spectrogram of `audio` ([T] or [B, T], float in [-1, 1]) -> [num_mels, T // hop_size] (or batched).
 
     mel_scale="log": natural log of the magnitude mel, clamped at 1e-5 (official HiFi-GAN / NVIDIA
-    Tacotron2 convention, so public weights work). mel_scale="db": 20*log10, mapped linearly from
-    [min_db, 0] dB to [-max_scaled_abs, max_scaled_abs] and clipped (the seed tutorial's Tacotron2 mel).
+    Tacotron2 convention, so public weights work). mel_scale="db": 20*log10, mapped by the affine map that
+    takes [min_db, 0] dB to [-max_scaled_abs, max_scaled_abs] (the seed tutorial's Tacotron2 mel), floored
+    at min_db like the log mel's clamp but with no ceiling: loud LJSpeech frames reach +18 dB, and clipping
+    them at 0 dB (as the tutorial did) would flatten exactly the loudest speech.
+
+    center=False (the vocoder's frames): reflect-pad (n_fft - hop) / 2 samples, T // hop frames, frame i
+    centred on sample i*hop + hop/2, i.e. on the middle of the hop_size samples the generator makes from it.
+    center=True (NVIDIA Tacotron2's frames): reflect-pad n_fft / 2, T // hop + 1 frames, frame i centred on
+    sample i*hop -- half a hop earlier. The two agree frame for frame once the audio is shifted by hop / 2.
     """
     if mel_scale not in ("log", "db"):
         raise ValueError(f"mel_scale must be 'log' or 'db', got {mel_scale!r}")
@@ -74,7 +81,7 @@ def mel_spectrogram(audio: torch.Tensor, *, sampling_rate: int, n_fft: int, num_
     # Pad by (n_fft - hop) / 2 on both sides with center=False: frame i then covers the samples
     # around [i*hop, (i+1)*hop), and there are exactly len // hop frames -- the alignment that
     # lets a vocoder map each frame to hop_size output samples.
-    pad = (n_fft - hop_size) // 2
+    pad = n_fft // 2 if center else (n_fft - hop_size) // 2
     # Reflect padding needs more samples than the pad; a clip that short gets zeros instead.
     mode = "reflect" if audio.shape[-1] > pad else "constant"
     audio = F.pad(audio.unsqueeze(1), (pad, pad), mode=mode).squeeze(1)
@@ -90,19 +97,22 @@ def mel_spectrogram(audio: torch.Tensor, *, sampling_rate: int, n_fft: int, num_
     if mel_scale == "log":
         mel = torch.log(torch.clamp(mel, min=1e-5))
     else:
-        db = 20.0 * torch.log10(torch.clamp(mel, min=10.0 ** (min_db / 20.0)))
-        mel = torch.clamp((2.0 * (db - min_db) / -min_db - 1.0) * max_scaled_abs, -max_scaled_abs, max_scaled_abs)
+        mel = log_mel_to_db_mel(torch.log(torch.clamp(mel, min=10.0 ** (min_db / 20.0))), min_db, max_scaled_abs)
     return mel.squeeze(0) if squeeze else mel
 
 
 def log_mel_to_db_mel(mel: torch.Tensor, min_db: float = -100.0, max_scaled_abs: float = 4.0) -> torch.Tensor:
-    """Convert a natural-log mel to the normalised-dB scale (the two are affine images of each other)."""
+    """A natural-log mel on the normalised-dB scale: min_db dB -> -max_scaled_abs, 0 dB -> +max_scaled_abs.
+
+    The one conversion between the two scales (they are affine images of each other). Values below min_db
+    are floored at -max_scaled_abs; nothing is clipped at the top, so the map is exact above the floor.
+    """
     db = 20.0 / math.log(10.0) * mel
-    return torch.clamp((2.0 * (db - min_db) / -min_db - 1.0) * max_scaled_abs, -max_scaled_abs, max_scaled_abs)
+    return torch.clamp((2.0 * (db - min_db) / -min_db - 1.0) * max_scaled_abs, min=-max_scaled_abs)
 
 
 def db_mel_to_log_mel(mel: torch.Tensor, min_db: float = -100.0, max_scaled_abs: float = 4.0) -> torch.Tensor:
-    """Inverse of `log_mel_to_db_mel` (exact inside the clip range)."""
+    """Inverse of `log_mel_to_db_mel` (exact above the min_db floor)."""
     db = (mel / max_scaled_abs + 1.0) / 2.0 * -min_db + min_db
     return db * math.log(10.0) / 20.0
 
@@ -172,12 +182,15 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> list[Man
     if not path.is_file():
         raise UserError(f"manifest {path} does not exist; create it with prep_splits.py or pass the right path")
     folder = path.parent
-    with open(path, newline="", encoding="utf-8") as handle:
+    # utf-8-sig drops the BOM a spreadsheet writes first; CRLF line ends are stripped below and by csv.
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         first = handle.readline()
         handle.seek(0)
         rows = []
-        if "file_path" in [column.strip() for column in first.strip().split(",")]:
-            for line, record in enumerate(csv.DictReader(handle), start=2):
+        if "file_path" in [column.strip() for column in next(csv.reader([first]), [])]:
+            reader = csv.DictReader(handle)
+            reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
+            for line, record in enumerate(reader, start=2):
                 file_path = (record.get("file_path") or "").strip()
                 if not file_path:
                     raise UserError(f"{path}, line {line}: empty file_path; fix or remove the row")
@@ -188,7 +201,7 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> list[Man
             for line, text in enumerate(handle, start=1):
                 if not text.strip():
                     continue
-                fields = text.rstrip("\n").split("|")
+                fields = text.rstrip("\r\n").split("|")
                 transcript = fields[2] if len(fields) > 2 and fields[2] else (fields[1] if len(fields) > 1 else None)
                 rows.append(ManifestRow(str(folder / "wavs" / f"{fields[0]}.wav"), transcript, line))
         else:

@@ -13,7 +13,6 @@ Reads top to bottom like ../train.py: flags -> config -> data -> model -> optimi
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -25,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -39,7 +37,9 @@ if not __package__:
 from inference import griffin_lim
 from model import HifiGanConfig
 from tacotron2 import Tacotron2, Tacotron2Config, load_tacotron2, save_tacotron2, symbols, text_to_sequence
+from tacotron2.data import collate
 from tacotron2.model import padding_mask
+from tacotron2.teacher_forcing import load_clip, mel_kwargs, mel_settings
 from train import (
     StopSignal,
     check_launch,
@@ -48,7 +48,7 @@ from train import (
     setup_trackers,
     start_trackers,
 )
-from utils import UserError, check_audio_files, load_audio, mel_spectrogram, read_manifest, run_cli, save_audio
+from utils import UserError, check_audio_files, mel_spectrogram, read_manifest, run_cli, save_audio
 
 # ---------------------------------------------------------------------------------------------
 # Flags (the seed tutorial's train_taco.sh names, mapped onto NVIDIA's Tacotron2Config in build_config)
@@ -127,6 +127,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="log: NVIDIA's and HiFi-GAN's natural-log mel; db: the seed tutorial's normalised dB")
     add("--min_db", type=float, default=-100.0)
     add("--max_scaled_abs", type=float, default=4.0)
+    add("--audio_peak", type=lambda text: None if text.lower() == "none" else float(text), default=0.95,
+        help="peak-normalise every clip to this level before taking its mel, as the vocoder's pretraining does; "
+             "'none' keeps the recorded level, as NVIDIA's Tacotron2 was trained. Recorded in config.json, so "
+             "save_taco_mels.py and finetuning follow it")
     # Logging
     add("--log_wandb", action=argparse.BooleanOptionalAction, default=False, help="same as --report_to wandb")
     add("--report_to", choices=["wandb", "tensorboard", "none"], default=None)
@@ -164,10 +168,11 @@ def build_config(args: argparse.Namespace) -> Tacotron2Config:
 
 
 def audio_config(args: argparse.Namespace) -> dict:
-    """The mel parameters: keyword arguments of utils.mel_spectrogram, stored as "audio" in every config.json."""
+    """The mel settings (utils.mel_spectrogram's keyword arguments and the level convention `audio_peak`), stored as
+    "audio" in every config.json: teacher forcing reads the model's own (tacotron2.teacher_forcing.mel_settings)."""
     return dict(sampling_rate=args.sampling_rate, n_fft=args.n_fft, num_mels=args.num_mels, hop_size=args.hop_size,
                 window_size=args.window_size, fmin=args.fmin, fmax=args.fmax, mel_scale=args.mel_scale,
-                min_db=args.min_db, max_scaled_abs=args.max_scaled_abs)
+                min_db=args.min_db, max_scaled_abs=args.max_scaled_abs, center=False, audio_peak=args.audio_peak)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,33 +220,15 @@ class TextMelDataset(Dataset):
         if not self.rows:
             raise UserError(f"no usable rows left in {manifest}")
         # Build the mel filter bank in the main process: DataLoader workers forked later inherit the cache.
-        mel_spectrogram(torch.zeros(audio["n_fft"]), **audio)
+        mel_spectrogram(torch.zeros(audio["n_fft"]), **mel_kwargs(audio))
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # Peak-normalised like the vocoder's audio (utils.load_audio), so that teacher-forced mels made from
-        # these targets describe the very waveforms HiFi-GAN is finetuned on.
-        audio = torch.from_numpy(load_audio(self.rows[index].audio_path, self.audio["sampling_rate"]))
-        return self.tokens[index], mel_spectrogram(audio, **self.audio)
-
-
-def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
-    """(tokens, mel) pairs -> text_padded [B, T_in], text_lengths [B], mel_padded [B, n_mel, T_out],
-    gate_padded [B, T_out], output_lengths [B].
-
-    Text pads with 0 (the pad symbol), mels with 0 and stop targets with 1 (1 from each clip's last frame on): what
-    the model outputs past each length (mask_padding), though the losses ignore the padding anyway.
-    """
-    text_lengths = torch.tensor([len(tokens) for tokens, _ in batch])
-    output_lengths = torch.tensor([mel.shape[1] for _, mel in batch])
-    text_padded = pad_sequence([tokens for tokens, _ in batch], batch_first=True, padding_value=0)
-    mel_padded = torch.zeros(len(batch), batch[0][1].shape[0], int(output_lengths.max()))
-    for i, (_, mel) in enumerate(batch):
-        mel_padded[i, :, :mel.shape[1]] = mel
-    gate_padded = (torch.arange(mel_padded.shape[2])[None, :] >= output_lengths[:, None] - 1).float()
-    return text_padded, text_lengths, mel_padded, gate_padded, output_lengths
+        # At the level convention recorded with the model (--audio_peak): teacher forcing reads its clips the same way.
+        audio = torch.from_numpy(load_clip(self.rows[index].audio_path, self.audio))
+        return self.tokens[index], mel_spectrogram(audio, **mel_kwargs(self.audio))
 
 
 def tacotron2_loss(mel: torch.Tensor, mel_postnet: torch.Tensor, gate: torch.Tensor, mel_target: torch.Tensor,
@@ -267,19 +254,6 @@ def tacotron2_loss(mel: torch.Tensor, mel_postnet: torch.Tensor, gate: torch.Ten
 # ---------------------------------------------------------------------------------------------
 # Checkpoints (DESIGN.md §3, as ../train.py) and start weights
 # ---------------------------------------------------------------------------------------------
-
-def stored_audio(weights: str | os.PathLike) -> dict:
-    """The mel parameters ("audio" in config.json) a checkpoint/export of this repo was trained with; {} for NVIDIA's
-    file, which holds none (it is DESIGN.md §1's default mel)."""
-    weights = Path(weights)
-    config_file = weights / "config.json" if weights.is_dir() else weights.parent / "config.json"
-    if not (weights.is_dir() or weights.suffix == ".safetensors") or not config_file.is_file():
-        return {}
-    try:
-        return dict(json.loads(config_file.read_text()).get("audio") or {})
-    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as error:
-        raise UserError(f"{config_file}: not a readable config.json ({error})") from None
-
 
 def init_weights(model: Tacotron2, path: str | os.PathLike) -> None:
     """Copy the weights of NVIDIA's file or a folder/export of this repo into `model` (architectures must match)."""
@@ -367,7 +341,8 @@ def log_validation_media(accelerator: Accelerator, report_to: str | None, step: 
                               {"teacher-forced alignment": alignment, "inferred alignment": alignment_inferred})
     sounds = {}
     if save_dir is not None:
-        config = HifiGanConfig(**audio)  # griffin_lim reads the mel parameters off a vocoder config
+        # griffin_lim reads the mel parameters off a vocoder config
+        config = HifiGanConfig(**{k: v for k, v in audio.items() if k not in ("center", "audio_peak")})
         sounds = {"teacher_forced": griffin_lim(mel_teacher_forced, config),
                   "inferred": griffin_lim(mel_inferred, config)}
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -444,7 +419,7 @@ def main(argv: list[str] | None = None) -> Tacotron2:
     if args.init_from:
         init_weights(model, args.init_from)
         accelerator.print(f"initialised from {args.init_from}")
-        changed = {k: v for k, v in stored_audio(args.init_from).items() if k in audio and audio[k] != v}
+        changed = {k: v for k, v in mel_settings(args.init_from).items() if k in audio and audio[k] != v}
         if changed:  # allowed (e.g. adapting to a new mel on purpose), but rarely what one means
             accelerator.print(f"warning: {args.init_from} was trained with other mel settings ("
                               + ", ".join(f"{k} {v} -> {audio[k]}" for k, v in changed.items()) + ")")

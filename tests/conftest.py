@@ -15,6 +15,10 @@ sys.path.insert(0, str(REPO))
 
 from model import HifiGanConfig  # noqa: E402 (needs the repo on the path)
 
+# The one wall-clock limit the tests put on a child process, a notebook cell or a wait: a guard against a hang
+# (deadlock), never a speed check. Work that takes minutes on a slow 2-core machine must never trip it.
+HANG_TIMEOUT = 3600  # seconds
+
 # A model small enough that a GAN step takes well under a second on 2 CPU cores.
 TINY_FLAGS = ["--upsample_initial_channel", "16", "--upsample_rates", "8", "8", "4",
               "--upsample_kernel_sizes", "16", "16", "8", "--resblock", "2",

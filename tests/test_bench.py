@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import soundfile as sf
-from conftest import REPO, synth_clip
+from conftest import HANG_TIMEOUT, REPO, synth_clip
 
 TRAINING_KEYS = {"model", "batch", "segment", "path", "seconds_per_step", "steps_per_s", "samples_per_s",
                  "speedup_vs_plain", "peak_memory_gb", "first_step_s", "all_finite", "log_mel_l1_vs_plain"}
@@ -28,7 +28,7 @@ def test_quick_bench(tmp_path):
     # shares the cores, spinning OpenMP threads slow each other down ~100× (seen here: 146 s instead of 20).
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     result = subprocess.run([sys.executable, "bench.py", "--quick", "--output", str(output), "--wav", str(wav)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(output.read_text())
 

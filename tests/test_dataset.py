@@ -36,12 +36,16 @@ def test_segments_short_clips_stereo_44k_and_int16(tmp_path):
     # the short clip is padded with zeros, not dropped
     _, audio, _ = dataset[1]
     assert (audio[2205 + 100:] == 0).all() and audio[:2000].abs().max() > 0.5
-    # the segment is a hop-aligned window of the whole clip, and its mel is the mel of that window
-    mel, audio, _ = dataset[0]
+    # the segment is a window of the whole clip starting at any sample (as the official recipe crops), and its
+    # mel is the mel of that window
     whole = torch.from_numpy(load_audio(tmp_path / "wavs" / "long.wav", 22050))
-    starts = [s for s in range(0, len(whole) - 8192 + 1, 256) if torch.equal(whole[s:s + 8192], audio)]
-    assert len(starts) == 1
-    assert torch.allclose(mel, mel_spectrogram(audio, **CONFIG.mel_kwargs()))
+    starts = []
+    for epoch in range(8):
+        dataset.set_epoch(epoch)
+        mel, audio, _ = dataset[0]
+        starts += [s for s in range(0, len(whole) - 8192 + 1) if torch.equal(whole[s:s + 8192], audio)]
+        assert torch.allclose(mel, mel_spectrogram(audio, **CONFIG.mel_kwargs()))
+    assert len(starts) == 8 and any(start % 256 for start in starts)
 
 
 def test_crops_depend_on_seed_epoch_index_only(tmp_path):
@@ -89,3 +93,20 @@ def test_teacher_forced_mels_missing_or_misaligned_stop_at_startup(tmp_path):
     np.save(tmp_path / "mels" / "b.npy", np.zeros((80, len(clip) // 256 + 5), np.float32))
     with pytest.raises(UserError, match=r"1 mels .* do not match .*b\.npy"):
         MelDataset(manifest, CONFIG, 8192, saved_mels_dir=tmp_path / "mels")
+
+
+def test_non_finite_saved_mels_are_bad_rows_at_startup(tmp_path):
+    clip = synth_clip(1.0)
+    manifest = manifest_for(tmp_path, {"a": (clip, 22050, "PCM_16"), "b": (clip, 22050, "PCM_16")})
+    (tmp_path / "mels").mkdir()
+    np.save(tmp_path / "mels" / "a.npy", np.zeros((80, len(clip) // 256), np.float32))
+    broken = np.zeros((80, len(clip) // 256), np.float32)
+    broken[3, 7], broken[5, 9] = np.nan, np.inf
+    np.save(tmp_path / "mels" / "b.npy", broken)
+    # listed before the first step (not found hours later as skipped steps), with the row, the file and the fix
+    with pytest.raises(UserError, match=r"(?s)1 bad rows in .*line 3: .*b\.wav: b\.npy has 2 NaN/inf values; re-run "
+                                        r"save_taco_mels\.py --overwrite"):
+        MelDataset(manifest, CONFIG, 8192, saved_mels_dir=tmp_path / "mels")
+    with pytest.warns(UserWarning, match="dropped 1 bad rows"):
+        dataset = MelDataset(manifest, CONFIG, 8192, saved_mels_dir=tmp_path / "mels", skip_bad_files=True)
+    assert [row.audio_path.endswith("a.wav") for row in dataset.rows] == [True]

@@ -5,14 +5,14 @@ import subprocess
 import sys
 
 import soundfile as sf
-from conftest import REPO
+from conftest import HANG_TIMEOUT, REPO
 
 
 def test_demo_trains_writes_the_clip_and_resumes(tmp_path):
     def demo(steps: int) -> subprocess.CompletedProcess:
         command = [sys.executable, str(REPO / "demo.py"), "--max_steps", str(steps),
                    "--data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")]
-        result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=HANG_TIMEOUT,
                                 env={**os.environ, "WANDB_MODE": "disabled"})
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         return result

@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from conftest import REPO, TINY_CONFIG, shared_path
 
@@ -52,6 +54,11 @@ def test_tiny_checkpoint_and_griffin_lim_end_to_end(tmp_path, tiny_corpus, tiny_
     for system in ("tiny", "griffin_lim"):
         assert sorted(p.name for p in (output / system).glob("*.wav")) == ["test_000.wav", "test_001.wav"]
     assert len(read_csv(output / "results_per_clip.csv")) == 2 * 3
+    # every system is compared with the recording at the recording's level (peak 0.5, not normalised to 0.95)
+    recorded, _ = sf.read(test_manifest.parent / "wavs" / "test_000.wav", dtype="float32")
+    resynthesised, _ = sf.read(output / "griffin_lim" / "test_000.wav", dtype="float32")
+    assert abs(np.abs(recorded).max() - 0.5) < 0.01
+    assert 0.75 < resynthesised.std() / recorded[:len(resynthesised)].std() < 1.3
 
 
 def test_tacotron2_teacher_forced_and_free_running_mels(tmp_path, tiny_corpus, tiny_checkpoint):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import REPO, TINY_CONFIG, shared_path, synth_clip
+from conftest import HANG_TIMEOUT, REPO, TINY_CONFIG, shared_path, synth_clip
 
 import inference
 from model import Generator, HifiGanConfig
@@ -109,7 +109,9 @@ def test_text_to_mel_converts_a_db_tacotron(tmp_path, tiny_tacotron):
     save_tacotron2(Tacotron2(Tacotron2Config(**TINY_TACOTRON)), tmp_path,
                    extra={"audio": {"mel_scale": "db", "min_db": -100.0, "max_scaled_abs": 4.0}})
     log_model, db_model = inference.load_tacotron(tiny_tacotron), inference.load_tacotron(tmp_path)
-    assert log_model.audio == {} and db_model.audio["mel_scale"] == "db"
+    # NVIDIA's file carries no settings: NVIDIA's own (recorded level, centred frames); ours come from config.json
+    assert log_model.audio["mel_scale"] == "log" and log_model.audio["audio_peak"] is None and log_model.audio["center"]
+    assert db_model.audio["mel_scale"] == "db"
     torch.manual_seed(1)  # the prenet's dropout stays on at inference
     as_is, alignment = inference.text_to_mel(log_model, "Hello.", TINY, max_decoder_steps=6)
     torch.manual_seed(1)
@@ -122,7 +124,8 @@ def test_official_v2_resynthesis_shared_fixture(tmp_path):
     checkpoint = shared_path("fixtures", "generator_v2")
     wav = shared_path("ljspeech_sample", "wavs", "LJ001-0008.wav")
     result = subprocess.run([sys.executable, "inference.py", "--checkpoint", str(checkpoint), "--input", str(wav),
-                             "--output_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+                             "--output_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                            timeout=HANG_TIMEOUT)
     assert result.returncode == 0, result.stderr
     assert "V2" in result.stderr and "Traceback" not in result.stderr  # the guessed preset, said in one line
     config = HifiGanConfig.from_preset("v2")
@@ -204,6 +207,10 @@ def test_griffin_lim_baseline(tmp_path, tiny_corpus, capsys):
     assert len(audio) == reference.shape[1] * HOP
     noise = torch.randn(len(audio), generator=torch.Generator().manual_seed(0)) * audio.std()
     assert mel_l1(audio, reference) < 0.5 * mel_l1(noise, reference)
+    # copy-synthesis keeps the recording's level (peak 0.5 here): not peak-normalised to 0.95 on the way
+    recorded = torch.from_numpy(sf.read(str(wav), dtype="float32")[0])
+    assert abs(recorded.abs().max().item() - 0.5) < 0.01
+    assert 0.75 < audio.std().item() / recorded[:len(audio)].std().item() < 1.3
 
 
 # --------------------------------------------------------------------------------------------- bad inputs
@@ -239,7 +246,7 @@ def test_not_a_generator_exits_1_without_traceback(bad_inputs, clip_mel):
     np.save(bad_inputs / "ok.npy", clip_mel[:, :10].numpy())
     result = subprocess.run([sys.executable, "inference.py", "--checkpoint", str(bad_inputs / "do_00000100"),
                              "--input", str(bad_inputs / "ok.npy"), "--output_dir", str(bad_inputs / "out")],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
+                            cwd=REPO, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert "discriminator" in result.stderr and "do_00000100" in result.stderr

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, TINY_CONFIG, write_corpus
+from conftest import HANG_TIMEOUT, REPO, TINY_CONFIG, write_corpus
 
 from model import Generator, save_generator
 from tacotron2 import Tacotron2, Tacotron2Config, save_tacotron2
@@ -79,7 +79,8 @@ def execute(kernel_dirs: list[str], **parameters):
     assert not values, f"not in the parameters cell: {', '.join(values)}"
     cell.source = "\n".join(lines)
     manager = AsyncKernelManager(kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=kernel_dirs))
-    client = nbclient.NotebookClient(notebook, km=manager, timeout=300, resources={"metadata": {"path": str(REPO)}})
+    client = nbclient.NotebookClient(notebook, km=manager, timeout=HANG_TIMEOUT, startup_timeout=HANG_TIMEOUT,
+                                     resources={"metadata": {"path": str(REPO)}})
     client.execute()
     return notebook
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_CONFIG, shared_path
+from conftest import HANG_TIMEOUT, REPO, TINY_CONFIG, shared_path
 
 import inference
 from model import Generator, load_generator, save_generator
@@ -68,7 +68,7 @@ def test_cli_export(tmp_path, tiny_generator):
     save_generator(tiny_generator, checkpoint)
     output = tmp_path / "out" / "tiny.onnx"
     result = subprocess.run([sys.executable, "inference.py", "--checkpoint", str(checkpoint), "--export_onnx",
-                             str(output)], cwd=REPO, capture_output=True, text=True, timeout=120)
+                             str(output)], cwd=REPO, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert result.returncode == 0, result.stderr
     assert str(output) in result.stdout and "max abs difference" in result.stdout
     assert float(result.stdout.rsplit(":", 1)[1]) <= 1e-4

@@ -1,4 +1,4 @@
-"""prep_splits.py: deterministic, disjoint LJSpeech splits through the CLI, its errors and --download."""
+"""prep_splits.py: the official split by default, the seeded random one, the CLI's errors and --download."""
 
 from __future__ import annotations
 
@@ -11,21 +11,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import synth_clip
 
-from prep_splits import resolve_test_size
+from prep_splits import OFFICIAL_SPLIT_DIR, load_official_ids, prep_splits, resolve_test_size
 from utils import UserError, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 LJSPEECH_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "ljspeech_sample"
 NUM_CLIPS = 20
 
+# Real ids of the official lists, in LJSpeech's order; the validation file lists LJ050-0269 first, so corpus
+# order and file order differ. LJ051-0001 is in neither list (LJSpeech's chapters end at LJ050).
+OFFICIAL_CORPUS = [("LJ001-0001", "train"), ("LJ001-0002", "train"), ("LJ001-0028", "test"),
+                   ("LJ002-0149", "test"), ("LJ050-0250", "train"), ("LJ050-0269", "test"), ("LJ051-0001", None)]
 
-def make_fake_ljspeech(folder: Path, num_clips: int = NUM_CLIPS) -> Path:
+
+def make_fake_ljspeech(folder: Path, num_clips: int = NUM_CLIPS, prefix: str = "LJ001") -> Path:
     """An LJSpeech-shaped folder: metadata.csv (raw and normalized columns differ) and short sine wavs."""
     (folder / "wavs").mkdir(parents=True)
     lines = []
     for i in range(num_clips):
-        clip_id = f"LJ001-{i + 1:04d}"
+        clip_id = f"{prefix}-{i + 1:04d}"
         t = np.arange(2205) / 22050
         sf.write(folder / "wavs" / f"{clip_id}.wav", 0.3 * np.sin(2 * np.pi * (200 + 10 * i) * t), 22050,
                  subtype="PCM_16")
@@ -40,9 +46,26 @@ def fake_ljspeech(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_fake_ljspeech(tmp_path_factory.mktemp("lj") / "LJSpeech-1.1")
 
 
-def run_prep(*args: str) -> subprocess.CompletedProcess:
+def make_official_ljspeech(folder: Path) -> tuple[Path, dict[str, float]]:
+    """OFFICIAL_CORPUS as an LJSpeech folder of speech-like clips; also returns each clip's duration in seconds."""
+    (folder / "wavs").mkdir(parents=True)
+    lines, seconds = [], {}
+    for i, (clip_id, _) in enumerate(OFFICIAL_CORPUS):
+        seconds[clip_id] = 0.2 + 0.1 * i
+        sf.write(folder / "wavs" / f"{clip_id}.wav", synth_clip(seconds[clip_id], seed=i), 22050, subtype="PCM_16")
+        lines.append(f"{clip_id}|Clip {i}.|Clip number {i}.")
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder, seconds
+
+
+@pytest.fixture(scope="module")
+def official_ljspeech(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, float]]:
+    return make_official_ljspeech(tmp_path_factory.mktemp("lj_official") / "LJSpeech-1.1")
+
+
+def run_prep(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "prep_splits.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, check=False)
+                          capture_output=True, text=True, cwd=cwd, check=False)
 
 
 def read_split(folder: Path) -> tuple[list[str], list[str], list[dict[str, str]]]:
@@ -61,13 +84,71 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *fragments: str) ->
         assert fragment in lines[0], (fragment, lines[0])
 
 
+def ids(paths: list[str]) -> list[str]:
+    return [Path(path).stem for path in paths]
+
+
+def test_official_split_is_the_default(official_ljspeech: tuple[Path, dict[str, float]], tmp_path: Path) -> None:
+    corpus, _ = official_ljspeech
+    # Run from elsewhere: the id lists are found beside prep_splits.py, not in the working directory.
+    done = run_prep("--path_to_ljspeech", corpus, "--path_to_save", tmp_path / "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    train, test, train_rows = read_split(tmp_path / "out")
+    # Exactly the listed ids, in corpus order (not the order of the id files).
+    assert ids(test) == [clip_id for clip_id, part in OFFICIAL_CORPUS if part == "test"]
+    assert ids(train) == [clip_id for clip_id, part in OFFICIAL_CORPUS if part == "train"]
+    assert train_rows[0]["normalized_transcript"] == "Clip number 0."
+    assert "official split" in done.stdout
+    assert "3 train clips" in done.stdout and "3 test clips" in done.stdout and " h -> " in done.stdout
+    # The clip in neither list is reported, not silently dropped; so are the listed ids this corpus lacks.
+    assert "1 clip(s)" in done.stdout and "LJ051-0001" in done.stdout and "left out" in done.stdout
+    assert "13094 id(s)" in done.stdout and "147 validation, 12947 training" in done.stdout
+    assert "not comparable" in done.stdout  # a partial test set is not the published one
+
+
+def test_official_split_reports_hours(official_ljspeech: tuple[Path, dict[str, float]], tmp_path: Path) -> None:
+    corpus, seconds = official_ljspeech
+    train, test = prep_splits(corpus, tmp_path)
+    for manifest, part in ((train, "train"), (test, "test")):
+        expected = sum(seconds[clip_id] for clip_id, where in OFFICIAL_CORPUS if where == part) / 3600
+        assert manifest.num_clips == 3 and manifest.hours == pytest.approx(expected, rel=1e-3)
+    assert (train.path, test.path) == (tmp_path / "train.csv", tmp_path / "test.csv")
+
+
+def test_official_id_lists_in_the_repo() -> None:
+    assert OFFICIAL_SPLIT_DIR == REPO / "data" / "ljspeech_official_split"
+    training, validation = load_official_ids()
+    assert (len(training), len(validation)) == (12950, 150)
+    assert len(set(training)) == 12950 and len(set(validation)) == 150
+    assert not set(training) & set(validation)
+    assert all(len(clip_id) == 10 and clip_id.startswith("LJ") for clip_id in training + validation)
+    assert validation[0] == "LJ050-0269" and training[0] == "LJ001-0001"
+
+
+def test_official_split_of_another_corpus_says_to_use_random(tmp_path: Path) -> None:
+    # No official id at all (not LJSpeech), and only training ids (a small LJSpeech subset): one split is empty.
+    for prefix in ("XX001", "LJ001"):
+        corpus = make_fake_ljspeech(tmp_path / prefix / "LJSpeech-1.1", num_clips=4, prefix=prefix)
+        done = run_prep("--path_to_ljspeech", corpus, "--path_to_save", tmp_path / prefix / "out")
+        assert_one_line_error(done, "--split random", "test.csv", "empty")
+        assert not (tmp_path / prefix / "out" / "train.csv").exists()
+
+
+def test_random_only_flags_with_the_official_split_are_one_line_errors(fake_ljspeech: Path, tmp_path: Path) -> None:
+    for flag, value in (("--test_size", 5), ("--seed", 1)):
+        done = run_prep("--path_to_ljspeech", fake_ljspeech, "--path_to_save", tmp_path, flag, value)
+        assert_one_line_error(done, flag, "--split random")
+    assert not (tmp_path / "train.csv").exists()
+
+
 def test_split_is_deterministic_disjoint_and_complete(fake_ljspeech: Path, tmp_path: Path) -> None:
     first, second = tmp_path / "a", tmp_path / "b"
-    done = run_prep("--path_to_ljspeech", fake_ljspeech, "--path_to_save", first, "--test_size", 5, "--seed", 3)
+    done = run_prep("--path_to_ljspeech", fake_ljspeech, "--path_to_save", first, "--split", "random",
+                    "--test_size", 5, "--seed", 3)
     assert done.returncode == 0, done.stderr
     assert "15 train clips" in done.stdout and "5 test clips" in done.stdout and str(first / "train.csv") in done.stdout
-    assert run_prep("--path_to_ljspeech", fake_ljspeech, "--path_to_save", second, "--test_size", 5,
-                    "--seed", 3).returncode == 0
+    assert run_prep("--path_to_ljspeech", fake_ljspeech, "--path_to_save", second, "--split", "random",
+                    "--test_size", 5, "--seed", 3).returncode == 0
     for name in ("train.csv", "test.csv"):
         assert (first / name).read_bytes() == (second / name).read_bytes()
 
@@ -86,13 +167,14 @@ def test_another_seed_gives_another_split(fake_ljspeech: Path, tmp_path: Path) -
     tests = []
     for seed in (0, 1):
         assert run_prep("--path_to_ljspeech", fake_ljspeech, "--path_to_save", tmp_path / str(seed),
-                        "--test_size", 5, "--seed", seed).returncode == 0
+                        "--split", "random", "--test_size", 5, "--seed", seed).returncode == 0
         tests.append(set(read_split(tmp_path / str(seed))[1]))
     assert tests[0] != tests[1]
 
 
 def test_default_test_size_is_capped_for_a_small_corpus(fake_ljspeech: Path, tmp_path: Path) -> None:
-    assert run_prep("--path_to_ljspeech", fake_ljspeech, "--path_to_save", tmp_path).returncode == 0
+    done = run_prep("--path_to_ljspeech", fake_ljspeech, "--path_to_save", tmp_path, "--split", "random")
+    assert done.returncode == 0, done.stderr
     train, test, _ = read_split(tmp_path)
     assert (len(train), len(test)) == (18, 2)
     # On a full-size corpus the default stays LJSpeech's usual 150.
@@ -102,7 +184,8 @@ def test_default_test_size_is_capped_for_a_small_corpus(fake_ljspeech: Path, tmp
 
 
 def test_too_large_test_size_is_a_one_line_error(fake_ljspeech: Path, tmp_path: Path) -> None:
-    done = run_prep("--path_to_ljspeech", fake_ljspeech, "--path_to_save", tmp_path, "--test_size", NUM_CLIPS)
+    done = run_prep("--path_to_ljspeech", fake_ljspeech, "--path_to_save", tmp_path, "--split", "random",
+                    "--test_size", NUM_CLIPS)
     assert_one_line_error(done, "--test_size", str(NUM_CLIPS))
     assert not (tmp_path / "train.csv").exists()
 
@@ -132,8 +215,8 @@ def test_download_fetches_and_unpacks_an_archive(tmp_path: Path) -> None:
     with tarfile.open(archive, "w:bz2") as tar:
         tar.add(source, arcname="LJSpeech-1.1")
     target = tmp_path / "data" / "LJSpeech-1.1"
-    done = run_prep("--path_to_ljspeech", target, "--path_to_save", tmp_path / "out", "--download",
-                    "--url", archive.as_uri())
+    done = run_prep("--path_to_ljspeech", target, "--path_to_save", tmp_path / "out", "--split", "random",
+                    "--download", "--url", archive.as_uri())
     assert done.returncode == 0, done.stderr
     assert (target / "metadata.csv").is_file() and len(list((target / "wavs").glob("*.wav"))) == 4
     assert not (tmp_path / "data" / "LJSpeech-1.1.tar.bz2").exists()  # removed once unpacked
@@ -144,7 +227,8 @@ def test_download_fetches_and_unpacks_an_archive(tmp_path: Path) -> None:
 def test_prep_splits_on_ljspeech_sample(tmp_path: Path) -> None:
     if not (LJSPEECH_SAMPLE / "metadata.csv").is_file():
         pytest.skip(f"needs ../shared/ljspeech_sample ({LJSPEECH_SAMPLE} is absent)")
-    done = run_prep("--path_to_ljspeech", LJSPEECH_SAMPLE, "--path_to_save", tmp_path, "--test_size", 3)
+    done = run_prep("--path_to_ljspeech", LJSPEECH_SAMPLE, "--path_to_save", tmp_path, "--split", "random",
+                    "--test_size", 3)
     assert done.returncode == 0, done.stderr
     train = read_manifest(tmp_path / "train.csv")
     test = read_manifest(tmp_path / "test.csv")

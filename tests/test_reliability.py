@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import REPO, TINY_CONFIG, TINY_FLAGS, synth_clip, write_corpus
+from conftest import HANG_TIMEOUT, REPO, TINY_CONFIG, TINY_FLAGS, synth_clip, write_corpus
 from safetensors.torch import load_file
 
 from model import load_generator
@@ -31,7 +31,7 @@ def train_command(tmp_path: Path, corpus, *flags: str, name: str = "run", script
 
 def run(command: list[str], expect: int = 0, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", **kwargs.pop("env", {})}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, **kwargs)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=HANG_TIMEOUT, **kwargs)
     assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
@@ -191,9 +191,11 @@ def test_nonfinite_loss_skips_the_step_and_too_many_stop_the_run(tmp_path, tiny_
     assert (tmp_path / "nan" / "checkpoint_3" / "checkpoint_complete").exists()
 
 
-def wait_for(predicate, timeout: float = 120.0) -> None:
+def wait_for(predicate, process: subprocess.Popen, log: Path, timeout: float = HANG_TIMEOUT) -> None:
+    """Until `predicate()`; fails at once if the process ends first (a crash must not wait out the hang guard)."""
     deadline = time.time() + timeout
     while not predicate():
+        assert process.poll() is None, f"exited {process.returncode} first:\n{log.read_text()[-3000:]}"
         assert time.time() < deadline, "timed out"
         time.sleep(0.2)
 
@@ -206,9 +208,9 @@ def test_sigterm_under_two_process_accelerate_launch_saves_and_resumes(tmp_path,
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "log.txt", "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    wait_for(lambda: "step 3 epoch" in (tmp_path / "log.txt").read_text())
+    wait_for(lambda: "step 3 epoch" in (tmp_path / "log.txt").read_text(), process, tmp_path / "log.txt")
     process.send_signal(signal.SIGTERM)  # to the launcher, as `kill PID` or a scheduler would
-    process.wait(timeout=120)  # torchrun's agent forwards it to both ranks, then exits 1 on its own account
+    process.wait(timeout=HANG_TIMEOUT)  # torchrun's agent forwards it to both ranks, then exits 1 on its own account
     output = (tmp_path / "log.txt").read_text()
     assert output.count("stopped by SIGTERM") == 1  # printed by the main process once both ranks agreed
     stopped = int(re.search(r"stopped by SIGTERM after step (\d+)", output).group(1))
@@ -224,9 +226,9 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_cleanly(tmp_path, tiny_corpus)
     log = open(tmp_path / "log.txt", "w")
     process = subprocess.Popen(train_command(tmp_path, tiny_corpus, "--max_steps", "100000"), stdout=log,
                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    wait_for(lambda: "step 2 epoch" in (tmp_path / "log.txt").read_text())
+    wait_for(lambda: "step 2 epoch" in (tmp_path / "log.txt").read_text(), process, tmp_path / "log.txt")
     process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=120) == 0
+    assert process.wait(timeout=HANG_TIMEOUT) == 0
     output = (tmp_path / "log.txt").read_text()
     stopped = int(re.search(r"stopped by SIGINT after step (\d+); saved", output).group(1))
     assert "KeyboardInterrupt" not in output
@@ -310,3 +312,196 @@ def test_latest_skips_checkpoint_folders_without_their_completion_marker(tmp_pat
     assert f"ignoring {tmp_path / 'checkpoint_5'}: it has no" in said and ".tmp_checkpoint_6" in said
     with pytest.raises(UserError, match="not a complete checkpoint folder"):
         train.find_resume_checkpoint(str(tmp_path / "checkpoint_5"), tmp_path)
+
+
+# ------------------------------------------------------------------------------------ spreadsheet manifests
+
+def test_manifests_saved_by_a_spreadsheet_with_bom_and_crlf_are_read(tmp_path):
+    from utils import read_manifest
+    (tmp_path / "wavs").mkdir()
+    for name in ("a", "LJ001-0001", "LJ001-0002"):
+        sf.write(tmp_path / "wavs" / f"{name}.wav", synth_clip(0.1), 22050)
+    csv_manifest = tmp_path / "train.csv"
+    csv_manifest.write_bytes('\ufeff"file_path","normalized_transcript"\r\nwavs/a.wav,"Hello, there"\r\n'
+                             .encode("utf-8"))
+    lj_manifest = tmp_path / "metadata.csv"
+    lj_manifest.write_bytes("\ufeffLJ001-0001|Dr. Smith|Doctor Smith\r\nLJ001-0002|only raw|\r\n".encode("utf-8"))
+    csv_rows, lj_rows = read_manifest(csv_manifest), read_manifest(lj_manifest)
+    assert [(Path(r.audio_path).name, r.transcript) for r in csv_rows] == [("a.wav", "Hello, there")]
+    assert [(Path(r.audio_path).name, r.transcript) for r in lj_rows] == [("LJ001-0001.wav", "Doctor Smith"),
+                                                                          ("LJ001-0002.wav", "only raw")]
+    for row in csv_rows + lj_rows:
+        assert not {"\r", "\ufeff"} & set(row.audio_path + row.transcript)
+
+
+# ------------------------------------------------------------------------------------ full disk
+
+def full_disk_error(kind: str) -> Exception:
+    """What the writers raise on ENOSPC (see train._WRITE_FAILURE_MARKERS): Python, safetensors, torch.save."""
+    import errno
+
+    from safetensors import SafetensorError
+    if kind == "oserror":
+        return OSError(errno.ENOSPC, "No space left on device")
+    if kind == "safetensors":
+        return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    try:
+        raise RuntimeError("basic_ios::clear: iostream error")
+    except RuntimeError:
+        try:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        except RuntimeError as error:
+            return error
+
+
+@pytest.fixture
+def tiny_accelerator():
+    """A real cpu Accelerator with a prepared model and optimizer that has state (one step taken)."""
+    import accelerate
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = torch.nn.Linear(256, 256)
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model(torch.randn(4, 256)).square().mean().backward()
+    optimizer.step()
+    yield accelerator
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def folder_contents(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def stated_bytes(message: str, pattern: str) -> float:
+    number, unit = re.search(pattern + r"([\d.]+) (kB|MB|GB)", message).groups()
+    return float(number) * {"kB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
+
+
+def export_stub(folder: Path) -> None:
+    (folder / "generator.safetensors").write_bytes(b"g" * 1000)
+
+
+@pytest.mark.parametrize("kind", ["oserror", "safetensors", "torch"])
+def test_full_disk_while_saving_removes_the_partial_folder_and_says_so_in_one_line(tmp_path, tiny_accelerator,
+                                                                                   monkeypatch, kind):
+    import train
+    run_dir = tmp_path / "run"
+    (run_dir / ".tmp_checkpoint_1").mkdir(parents=True)  # a killed run's leftover
+    (run_dir / ".tmp_checkpoint_1" / "junk.bin").write_bytes(b"x" * 100)
+    good = train.save_checkpoint(tiny_accelerator, run_dir, train.TrainState(step=2), 3, export_stub)
+    assert (good / train.COMPLETE_MARKER).exists() and not (run_dir / ".tmp_checkpoint_1").exists()
+    before = folder_contents(good)
+
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):  # after model.safetensors: the optimizer file fails half-written
+        Path(f).write_bytes(b"\0" * 4096)
+        raise full_disk_error(kind)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError) as caught:
+        train.save_checkpoint(tiny_accelerator, run_dir, train.TrainState(step=4), 3, export_stub)
+    message = str(caught.value)
+    assert "\n" not in message and str(run_dir / ".tmp_checkpoint_4") in message
+    assert ("torch.save failed: unexpected pos 704 vs 598 (basic_ios::clear: iostream error)" if kind == "torch" else
+            "No space left on device") in message and "enforce fail" not in message
+    size = sum(len(data) for data in before.values())
+    assert abs(stated_bytes(message, "needs about ") - size) <= 0.06 * size
+    assert stated_bytes(message, ", (?:only )?") > 0 and " is free there" in message
+    assert f"last complete checkpoint {good} with --resume_from_checkpoint latest" in message
+    assert not list(run_dir.glob(".tmp_checkpoint_*")) and not (run_dir / "checkpoint_4").exists()
+    assert folder_contents(good) == before
+
+    # No complete checkpoint yet: the size is what was written before the failure, and it says there is none.
+    with pytest.raises(UserError) as caught:
+        train.save_checkpoint(tiny_accelerator, tmp_path / "fresh", train.TrainState(step=2), 3, export_stub)
+    message = str(caught.value)
+    written = (good / "model.safetensors").stat().st_size + 4096
+    assert abs(stated_bytes(message, "needs about ") - written) <= 0.06 * written and "or more" in message
+    assert "no complete checkpoint to resume from" in message and not list((tmp_path / "fresh").iterdir())
+    monkeypatch.setattr(torch, "save", real_save)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE/SIGXFSZ as on Linux")
+@pytest.mark.parametrize("limit, writer", [(100_000, "safetensors"), (400_000, "torch")])
+def test_what_the_real_writers_raise_when_a_write_fails_is_caught(tmp_path, tiny_accelerator, limit, writer):
+    # A file-size limit makes the real writers fail mid-file (EFBIG, as ENOSPC would): model.safetensors
+    # (262 kB) under 100 kB, optimizer.bin (525 kB, torch.save) under 400 kB. No patching.
+    import resource
+
+    import train
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills us instead of failing write()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        with pytest.raises(UserError) as caught:
+            train.save_checkpoint(tiny_accelerator, tmp_path, train.TrainState(step=2), 3, export_stub)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    message = str(caught.value)
+    assert ("File too large (os error 27)" if writer == "safetensors" else "iostream error") in message, message
+    assert "\n" not in message and not list(tmp_path.glob(".tmp_checkpoint_*"))
+
+
+def test_resuming_removes_a_killed_runs_partial_checkpoints(tmp_path, capsys):
+    import train
+    (tmp_path / ".tmp_checkpoint_6").mkdir()
+    (tmp_path / ".tmp_checkpoint_6" / "optimizer.bin").write_bytes(b"x" * 1000)
+    assert train.find_resume_checkpoint("latest", tmp_path) is None
+    assert not (tmp_path / ".tmp_checkpoint_6").exists()
+    assert "ignoring incomplete checkpoint" in capsys.readouterr().out
+
+
+FULL_DISK_AT_STEP_4 = """import errno
+real_save = torch.save
+def full_disk(obj, f, *args, **kwargs):
+    if '.tmp_checkpoint_4' in str(f) and str(f).endswith({file!r}):
+        with open(f, 'wb') as handle:
+            handle.write(b'\\0' * 4096)
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    return real_save(obj, f, *args, **kwargs)
+torch.save = full_disk
+"""
+
+
+def test_full_disk_at_a_checkpoint_stops_with_one_line_and_resumes_after(tmp_path, tiny_corpus):
+    script = wrapper(tmp_path, FULL_DISK_AT_STEP_4.format(file="optimizer.bin"))
+    result = run(train_command(tmp_path, tiny_corpus, "--max_steps", "6", "--checkpoint_steps", "2",
+                               script=script), expect=1)
+    run_dir = tmp_path / "run"
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert errors[0].startswith(f"error: could not write checkpoint_4 into {run_dir / '.tmp_checkpoint_4'} "
+                                "(No space left on device)")
+    assert f"from the last complete checkpoint {run_dir / 'checkpoint_2'} with --resume_from_checkpoint latest" \
+        in errors[0] and " is free there" in errors[0]
+    assert not list(run_dir.glob(".tmp_checkpoint_*")) and not (run_dir / "checkpoint_4").exists()
+    assert (run_dir / "checkpoint_2" / "checkpoint_complete").exists()
+    # after freeing space: the plain command resumes from checkpoint_2 and finishes
+    resumed = run(train_command(tmp_path, tiny_corpus, "--max_steps", "6", "--checkpoint_steps", "2",
+                                "--resume_from_checkpoint", "latest"))
+    output = resumed.stdout + resumed.stderr
+    assert "at step 2," in output and "step 3 epoch" in output
+    assert (run_dir / "checkpoint_6" / "checkpoint_complete").exists() and (run_dir / "generator.safetensors").exists()
+
+
+def test_full_disk_on_another_rank_stops_both_ranks_without_a_hang(tmp_path, tiny_corpus):
+    # Rank 1 fails to write only its own RNG file: the main process must learn it (collective), not rename an
+    # incomplete checkpoint, and both ranks must exit instead of one waiting in a barrier.
+    script = wrapper(tmp_path, FULL_DISK_AT_STEP_4.format(file="random_states_1.pkl"))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+              "--num_cpu_threads_per_process", "1"]
+    result = run(launch + train_command(tmp_path, tiny_corpus, "--max_steps", "6", "--checkpoint_steps", "2",
+                                        script=script)[1:], expect=1, env={"ACCELERATE_USE_CPU": "1"})
+    run_dir = tmp_path / "run"
+    assert f"error: could not write checkpoint_4 into {run_dir / '.tmp_checkpoint_4'} (it failed on another " \
+           "process)" in result.stderr
+    assert "error: process 1: writing checkpoint_4 failed (No space left on device)" in result.stderr
+    assert not list(run_dir.glob(".tmp_checkpoint_*")) and not (run_dir / "checkpoint_4").exists()
+    assert (run_dir / "checkpoint_2" / "checkpoint_complete").exists()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import REPO, write_corpus
+from conftest import HANG_TIMEOUT, REPO, write_corpus
 
 import save_taco_mels
 from tacotron2 import Tacotron2, Tacotron2Config, load_tacotron2, save_tacotron2, text_to_sequence
@@ -73,10 +73,11 @@ def test_writes_teacher_forced_mels_aligned_with_their_audio_skips_them_on_rerun
         assert torch.allclose(torch.from_numpy(mel), reference, atol=1e-4), row.audio_path
         ground_truth = mel_spectrogram(torch.from_numpy(load_audio(row.audio_path, 22050)), **MEL)
         assert not torch.allclose(torch.from_numpy(mel), ground_truth, atol=0.5)  # the model's, not a copy
-    assert sorted(p.name for p in out.iterdir()) == [f"clips_{i:03d}.npy" for i in range(5)]  # no temporaries
+    # no temporaries; the conventions finetuning needs beside the mels
+    assert sorted(p.name for p in out.iterdir()) == [f"clips_{i:03d}.npy" for i in range(5)] + ["taco_mels.json"]
 
     def files() -> dict[str, tuple[int, int, bytes]]:
-        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.npy")}
 
     written = files()
     # A file that is not what this model would write: a rerun must leave it alone unless told to --overwrite.
@@ -114,7 +115,7 @@ def test_failed_rows_are_named_and_counted_while_the_rest_are_written_on_two_pro
                "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--num_cpu_threads_per_process", "1", str(REPO / "save_taco_mels.py"), "--path_to_manifest",
                str(manifest), "--path_to_save", str(tmp_path / "mels"), "--taco_weights", str(weights)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+    result = subprocess.run(command, capture_output=True, text=True, timeout=HANG_TIMEOUT,
                             env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "on 2 process(es)" in result.stdout
@@ -123,7 +124,8 @@ def test_failed_rows_are_named_and_counted_while_the_rest_are_written_on_two_pro
     assert any("line 3" in line and "missing.wav" in line for line in failed)
     assert any("line 4" in line and "日本語" in line and "no symbol" in line for line in failed)
     assert result.stdout.count("wrote 2, skipped 0, failed 2") == 1  # counted over both processes, said once
-    assert sorted(p.name for p in (tmp_path / "mels").iterdir()) == ["clips_000.npy", "clips_003.npy"]
+    assert sorted(p.name for p in (tmp_path / "mels").iterdir()) == ["clips_000.npy", "clips_003.npy",
+                                                                       "taco_mels.json"]
 
 
 def test_mels_come_out_in_the_vocoder_scale_whatever_the_tacotron2_was_trained_on(tmp_path, capsys):
@@ -166,3 +168,71 @@ def test_nvidia_checkpoint_shared_fixture(tmp_path, capsys):
         mel = np.load(tmp_path / "mels" / f"{Path(row.audio_path).stem}.npy")
         assert mel.dtype == np.float32 and mel.shape == (80, sf.info(row.audio_path).frames // 256)
         assert np.isfinite(mel).all() and mel.std() > 0
+
+
+def nvidia_layout_tacotron2(path: Path) -> Path:
+    """A tiny random Tacotron2 saved as NVIDIA's train.py saves one: a pickle with "state_dict", no config.json."""
+    model = load_tacotron2(tiny_tacotron2(path.parent / "export"))
+    torch.save({"state_dict": model.state_dict(), "iteration": 0, "learning_rate": 1e-3}, path)
+    return path
+
+
+def test_nvidia_tacotron2_is_fed_its_own_level_and_frames_and_finetuning_gets_matching_audio(tmp_path, monkeypatch):
+    from dataset import MelDataset
+    from model import HifiGanConfig
+    # A quiet recording (peak 0.5). NVIDIA's Tacotron2 was trained on int16 / 32768 audio with no normalisation and
+    # a centred STFT: teacher-forcing it with a 0.95-normalised, half-a-hop-late mel feeds it what it never saw.
+    manifest = write_corpus(tmp_path, 2, seconds=1.2, name="clips")
+    weights = nvidia_layout_tacotron2(tmp_path / "tacotron2_statedict.pt")
+    # The model's output is its input here, so the file shows exactly which mel teacher forcing was given.
+    monkeypatch.setattr(save_taco_mels, "teacher_forced_mels", lambda model, tokens, mels: mels)
+    assert run("--path_to_manifest", manifest, "--path_to_save", tmp_path / "mels", "--taco_weights", weights) == 0
+    for index, row in enumerate(read_manifest(manifest)):
+        recorded, _ = sf.read(row.audio_path, dtype="float32")
+        assert abs(np.abs(recorded).max() - 0.5) < 1e-3
+        saved = np.load(tmp_path / "mels" / f"{Path(row.audio_path).stem}.npy")
+        nvidia_mel = mel_spectrogram(torch.from_numpy(recorded), **MEL, center=True)  # len // hop + 1 frames
+        assert saved.shape == (80, len(recorded) // 256)
+        assert np.abs(saved - nvidia_mel[:, :saved.shape[1]].numpy()).max() < 1e-4
+
+        # Finetuning reads the target audio the same way: at the recorded level, and delayed by half a hop, so that
+        # the vocoder's own mel of the target audio is the saved mel frame for frame.
+        dataset = MelDataset(manifest, HifiGanConfig(), 8192, train=False, saved_mels_dir=tmp_path / "mels")
+        mel, audio, _ = dataset[index]
+        assert abs(audio.abs().max().item() - 0.5) < 1e-3
+        assert torch.equal(audio[128:len(recorded)], torch.from_numpy(recorded)[:len(audio) - 128])
+        vocoder_mel = mel_spectrogram(audio, **MEL)
+        # (the first and last two frames differ in their padding only)
+        assert (vocoder_mel[:, 2:-2] - mel[:, 2:-2]).abs().max() < 1e-3
+        # and training crops keep that alignment
+        train_set = MelDataset(manifest, HifiGanConfig(), 8192, train=True, saved_mels_dir=tmp_path / "mels")
+        mel, audio, _ = train_set[index]
+        crop_mel = mel_spectrogram(audio, **MEL)
+        assert (crop_mel[:, 2:-2] - mel[:, 2:-2]).abs().max() < 1e-3
+
+
+def test_own_tacotron2_conventions_are_followed(tmp_path, monkeypatch):
+    from dataset import MelDataset
+    from model import HifiGanConfig
+    manifest = write_corpus(tmp_path, 1, seconds=1.0, name="clips")
+    monkeypatch.setattr(save_taco_mels, "teacher_forced_mels", lambda model, tokens, mels: mels)
+    recorded, _ = sf.read(read_manifest(manifest)[0].audio_path, dtype="float32")
+    # this repo's Tacotron2, trained with --audio_peak none (the level as recorded)...
+    weights = tiny_tacotron2(tmp_path / "taco")
+    config_file = weights / "config.json"
+    config_file.write_text(config_file.read_text().replace('"mel_scale": "log"', '"mel_scale": "log", "center": false, '
+                                                           '"audio_peak": null'))
+    assert run("--path_to_manifest", manifest, "--path_to_save", tmp_path / "raw", "--taco_weights", weights) == 0
+    saved = np.load(tmp_path / "raw" / "clips_000.npy")
+    assert np.abs(saved - mel_spectrogram(torch.from_numpy(recorded), **MEL).numpy()).max() < 1e-4
+    _, audio, _ = MelDataset(manifest, HifiGanConfig(), 8192, train=False, saved_mels_dir=tmp_path / "raw")[0]
+    assert torch.equal(audio, torch.from_numpy(recorded)[:len(audio)])  # as recorded, no shift
+    # ... and an older checkpoint that does not say: it was trained on 0.95-normalised audio
+    legacy = tiny_tacotron2(tmp_path / "legacy")
+    assert run("--path_to_manifest", manifest, "--path_to_save", tmp_path / "legacy_mels", "--taco_weights",
+               legacy) == 0
+    _, audio, _ = MelDataset(manifest, HifiGanConfig(), 8192, train=False, saved_mels_dir=tmp_path / "legacy_mels")[0]
+    assert abs(audio.abs().max().item() - 0.95) < 1e-3
+    # mels of both conventions in one folder would need two kinds of audio: refused
+    with pytest.raises(UserError, match=r"already holds mels made with other settings .*audio_peak"):
+        run("--path_to_manifest", manifest, "--path_to_save", tmp_path / "raw", "--taco_weights", legacy)

@@ -16,10 +16,13 @@ from utils import UserError, db_mel_to_log_mel, load_audio, log_mel_to_db_mel, m
 MEL = dict(sampling_rate=22050, n_fft=1024, num_mels=80, hop_size=256, window_size=1024, fmin=0, fmax=8000)
 
 
-def reference_log_mel(audio: np.ndarray) -> np.ndarray:
-    """The same formula computed independently in numpy (framing by hand, numpy FFT)."""
+def reference_log_mel(audio: np.ndarray, center: bool = False) -> np.ndarray:
+    """The same formula computed independently in numpy (framing by hand, numpy FFT).
+
+    center=True is NVIDIA Tacotron2's STFT: reflect padding of n_fft / 2, len // hop + 1 frames.
+    """
     n_fft, hop = 1024, 256
-    pad = (n_fft - hop) // 2
+    pad = n_fft // 2 if center else (n_fft - hop) // 2
     padded = np.pad(audio.astype(np.float64), (pad, pad), mode="reflect")
     frames = 1 + (len(padded) - n_fft) // hop
     window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann
@@ -37,15 +40,37 @@ def test_log_mel_matches_independent_formula_and_frame_count(length):
     assert np.abs(mel.numpy() - reference_log_mel(audio)).max() < 1e-3
 
 
-def test_db_mel_matches_independent_formula():
-    # DESIGN §1: 20·log10(clamp(mel, 10^(min_db/20))), [min_db, 0] mapped linearly onto [-4, 4], clipped.
-    audio = synth_clip(0.5, seed=3)
+def test_db_mel_matches_independent_formula_without_a_ceiling():
+    # 20·log10(clamp(mel, 10^(min_db/20))), [min_db, 0] dB mapped linearly onto [-4, 4]; floored, never clipped
+    # at the top: a loud clip's mel goes above 0 dB (LJSpeech reaches ~+18 dB) and must keep its level.
+    audio = synth_clip(0.5, seed=3) * 1.9  # peak 0.95
     mel = np.exp(reference_log_mel(audio))  # undo the log; its clamp at 1e-5 is 10^(-100/20), the dB floor
     db = 20 * np.log10(np.maximum(mel, 10 ** (-100 / 20)))
-    expected = np.clip((db + 100) / 100 * 8 - 4, -4, 4)
+    expected = (db + 100) / 100 * 8 - 4
     got = mel_spectrogram(torch.from_numpy(audio), **MEL, mel_scale="db", min_db=-100.0, max_scaled_abs=4.0)
-    assert expected.min() < 0 < expected.max()  # the clip range is exercised on both sides of zero
+    assert db.max() > 3  # above 0 dB: the seed's clip at +4 would have flattened these frames
+    assert expected.min() < 0 < 4 < expected.max()
     assert np.abs(got.numpy() - expected).max() < 1e-3
+    # the conversion between the scales is exact in both directions above the floor
+    log_mel = mel_spectrogram(torch.from_numpy(audio), **MEL)
+    assert torch.allclose(db_mel_to_log_mel(got), log_mel, atol=1e-4)
+
+
+@pytest.mark.parametrize("length", [22050, 22050 + 100])
+def test_centered_frames_match_nvidia_formula_and_line_up_half_a_hop_later(length):
+    audio = synth_clip(length / 22050 + 0.01, seed=4)[:length]
+    centered = mel_spectrogram(torch.from_numpy(audio), **MEL, center=True)
+    assert centered.shape == (80, length // 256 + 1)  # NVIDIA's STFT: one frame more
+    assert np.abs(centered.numpy() - reference_log_mel(audio, center=True)).max() < 1e-3
+    # Frame i of the centred mel is centred on sample i*hop, the vocoder's frame i on i*hop + hop/2: with the
+    # audio delayed by hop/2 the two agree (away from the first frames, where the padding differs).
+    delayed = np.concatenate([np.zeros(128, np.float32), audio])
+    shifted = mel_spectrogram(torch.from_numpy(delayed), **MEL)
+    frames = min(shifted.shape[1], centered.shape[1])
+    assert (shifted[:, 3:frames] - centered[:, 3:frames]).abs().max() < 1e-3
+    # ...and at equal index, without the shift, they are far apart
+    plain = mel_spectrogram(torch.from_numpy(audio), **MEL)
+    assert (plain[:, 3:plain.shape[1]] - centered[:, 3:plain.shape[1]]).abs().mean() > 0.05
 
 
 def test_batched_equals_single_and_db_scale_is_affine_image():
@@ -53,9 +78,9 @@ def test_batched_equals_single_and_db_scale_is_affine_image():
     batched = mel_spectrogram(audio, **MEL)
     assert torch.allclose(batched[1], mel_spectrogram(audio[1], **MEL), atol=1e-5)
     db = mel_spectrogram(audio, **MEL, mel_scale="db")
-    assert db.min() >= -4 and db.max() <= 4
+    assert db.min() >= -4
     assert torch.allclose(db, log_mel_to_db_mel(batched), atol=1e-4)
-    inside = db.abs() < 3.99
+    inside = db > -3.99
     assert torch.allclose(db_mel_to_log_mel(db)[inside], batched[inside], atol=1e-4)
     # natural log, clamped at 1e-5: silence sits exactly at log(1e-5)
     silent = mel_spectrogram(torch.zeros(4096), **MEL)
