@@ -11,7 +11,7 @@ PIP_TOOLS_VERSION := 7.6.2
 # pip-tools lives in its own venv (inside .venv, so git ignores it), out of the project's environment.
 LOCK_VENV := $(VENV)/lock-tools
 
-.PHONY: setup demo test lint clean lock
+.PHONY: setup demo test test-fast lint clean lock
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,11 @@ demo: setup
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# The quick tier for the edit loop: everything but the tests marked slow (see pyproject.toml); CI runs `make test`.
+test-fast: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "not slow"
 
 lint: setup
 	$(PY) -m ruff check .

@@ -37,7 +37,16 @@ from pathlib import Path
 
 import torch
 
-from model import PRESETS, Generator, MultiPeriodDiscriminator, MultiScaleDiscriminator, build_generator, load_generator
+import metrics
+from model import (
+    PRESETS,
+    Generator,
+    MultiPeriodDiscriminator,
+    MultiScaleDiscriminator,
+    build_generator,
+    load_generator,
+    train_step,
+)
 from utils import load_audio, mel_spectrogram
 
 QUICK_SECONDS = 0.5  # --quick's utterance length
@@ -117,10 +126,10 @@ def paired_timings(paths: dict[str, Callable], device: torch.device, rounds: int
                             "peak_memory_gb": max(peaks[name], default=None)} for name, t in times.items()}
 
 
-def log_mel_l1(audio: torch.Tensor, reference: torch.Tensor, config) -> float:
-    kwargs = config.mel_kwargs()
-    return torch.nn.functional.l1_loss(mel_spectrogram(audio.float().cpu().flatten(0, -2), **kwargs),
-                                       mel_spectrogram(reference.float().cpu().flatten(0, -2), **kwargs)).item()
+def batch_log_mel_l1(audio: torch.Tensor, reference: torch.Tensor, config) -> float:
+    """metrics.log_mel_l1 (evaluate.py's, the loss mel's) averaged over a batch of outputs [B, 1, T]."""
+    pairs = zip(reference.float().cpu().flatten(0, -2), audio.float().cpu().flatten(0, -2))
+    return statistics.fmean(metrics.log_mel_l1(ref, out, config) for ref, out in pairs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +158,7 @@ def inference_paths(generator: Generator, device: torch.device, use_compile: boo
         paths["compiled fp32"] = fast(None, torch.compile(folded))
         paths["compiled bf16"] = fast(torch.bfloat16, torch.compile(folded))
     if device.type == "cpu" and onnx_dir is not None:
-        from inference import export_onnx, onnx_session
+        from vocoding import export_onnx, onnx_session
         session = onnx_session(export_onnx(folded, onnx_dir / "generator.onnx"), threads=torch.get_num_threads())
         paths["onnx fp32"] = lambda mel: torch.from_numpy(session.run(["audio"], {"mel": mel.numpy()})[0])
     return paths
@@ -187,7 +196,7 @@ def bench_inference(device: torch.device, quick: bool, use_compile: bool, rounds
                 rows.append({"model": preset, "weights": weights, "batch": batch, "audio_s": audio_seconds,
                              "path": name, "plain_xrt": audio_seconds / plain_s,
                              "fast_xrt": audio_seconds / timings[name]["seconds"], "speedup": timings[name]["speedup"],
-                             "log_mel_l1_vs_plain": log_mel_l1(outputs[name], outputs["plain fp32"], config),
+                             "log_mel_l1_vs_plain": batch_log_mel_l1(outputs[name], outputs["plain fp32"], config),
                              "compile_s": compile_s if name.startswith("compiled") else None})
                 print(format_inference_row(rows[-1]), flush=True)
     return rows
@@ -205,12 +214,10 @@ def format_inference_row(row: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def bench_training(device: torch.device, quick: bool, use_compile: bool, steps: int) -> list[dict]:
-    """train.train_step for the plain and fast setups, from the same initial weights, in interleaved rounds."""
+    """model.train_step for the plain and fast setups, from the same initial weights, in interleaved rounds."""
     import dataclasses
 
     from accelerate import Accelerator
-
-    import train
     if quick:  # V1's generator, discriminators 4× thinner, a short segment: the same step, smaller
         config, batch, segment = dataclasses.replace(PRESETS["v1"], discriminator_width_divisor=4), 1, 2048
     else:
@@ -242,7 +249,7 @@ def bench_training(device: torch.device, quick: bool, use_compile: bool, steps: 
         def step():
             if device.type == "cuda":  # TF32 belongs to the fast path only
                 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = fast
-            out = train.train_step(accelerator, *models, optim_g, optim_d, mel, audio, loss_mel, kwargs)
+            out = train_step(accelerator, *models, optim_g, optim_d, mel, audio, loss_mel, kwargs)
             losses.append(float(out["loss_generator"]))
         return step, generator, losses
 
@@ -273,7 +280,7 @@ def bench_training(device: torch.device, quick: bool, use_compile: bool, steps: 
                      "samples_per_s": batch * segment / seconds,
                      "speedup_vs_plain": timings[name]["speedup"], "peak_memory_gb": timings[name]["peak_memory_gb"],
                      "first_step_s": first_step_s[name], "all_finite": all(map(math.isfinite, losses)),
-                     "log_mel_l1_vs_plain": log_mel_l1(generate(generator), reference, config)})
+                     "log_mel_l1_vs_plain": batch_log_mel_l1(generate(generator), reference, config)})
         print(format_training_row(rows[-1], device), flush=True)
     if device.type == "cuda":  # inference's fp32 paths are plain fp32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

@@ -24,8 +24,6 @@ from tqdm.auto import tqdm
 from model import HifiGanConfig
 from utils import UserError, check_audio_files, load_audio, mel_spectrogram, read_manifest
 
-# The official pretraining normalises every clip's peak to 0.95 (a fixed level, a little headroom).
-PRETRAINING_PEAK = 0.95
 SAVED_MELS_INFO = "taco_mels.json"
 # A folder written before save_taco_mels.py recorded its conventions: it always peak-normalised to 0.95
 # and used the vocoder's own frames.
@@ -85,7 +83,8 @@ class MelDataset(Dataset):
         self.train = train
         self.saved_mels_dir = Path(saved_mels_dir) if saved_mels_dir is not None else None
         self.seed = seed
-        self.audio_peak, self.frame_shift = PRETRAINING_PEAK, 0
+        # Pretraining: the vocoder's own mel settings (the official recipe peak-normalises each clip to 0.95).
+        self.audio_peak, self.frame_shift = config.mel.audio_peak, 0
         if self.saved_mels_dir is not None:
             info = read_saved_mels_info(self.saved_mels_dir)
             self._check_mel_settings(info.get("mel") or {})

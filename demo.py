@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from make_demo_corpus import build_demo_corpus
 from model import load_generator
-from utils import load_audio, mel_spectrogram, read_manifest, run_cli, save_audio
+from utils import UserError, load_audio, mel_spectrogram, read_manifest, run_cli, save_audio
 
 REPO = Path(__file__).resolve().parent
 
@@ -34,7 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    train_manifest, test_manifest = build_demo_corpus(args.data_dir)
+    # The other entry points run as commands, as a user would run them (an entry point never imports another).
+    if subprocess.run([sys.executable, str(REPO / "make_demo_corpus.py"), "--out_dir", args.data_dir]).returncode:
+        raise UserError("could not build the demo corpus (the reason is printed above)")
+    train_manifest, test_manifest = Path(args.data_dir) / "train.csv", Path(args.data_dir) / "test.csv"
     output_dir = Path(args.output_dir)
     run_dir = output_dir / "hifigan_demo"
     command = [

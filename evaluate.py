@@ -24,11 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 import metrics
-from inference import griffin_lim, load_tacotron, load_vocoder, text_to_mel, vocode
 from model import Generator, HifiGanConfig
-from tacotron2 import text_to_sequence
-from tacotron2.teacher_forcing import for_vocoder, frame_shift, ground_truth_mel, teacher_forced_mels
+from tacotron2 import Tacotron2, load_tacotron2
+from tacotron2.teacher_forcing import teacher_forced_mel, text_to_mel
 from utils import ManifestRow, UserError, load_audio, mel_spectrogram, read_manifest, run_cli, save_audio
+from vocoding import griffin_lim, load_vocoder, vocode
 
 GROUND_TRUTH = "ground truth"
 GRIFFIN_LIM = "griffin_lim"
@@ -37,8 +37,6 @@ REFERENCE_COLUMNS = ["log-mel L1", "MCD (dB)", "PESQ-WB", "STOI", "F0 RMSE (cent
 COLUMNS = ["system", *MOS_COLUMNS, *REFERENCE_COLUMNS, "RTF"]
 DECIMALS = {"log-mel L1": 3, "STOI": 3, "V/UV error": 3, "F0 RMSE (cents)": 1, "RTF": 1}
 UTMOS_MISSING = "weights not available (pass --utmos_checkpoint)"
-# What must agree between a Tacotron2 and a vocoder for one's mel to feed the other (the scale is converted).
-MEL_PARAMETERS = ("sampling_rate", "num_mels", "n_fft", "window_size", "hop_size", "fmin", "fmax")
 
 
 @dataclass
@@ -116,34 +114,19 @@ def build_systems(args: argparse.Namespace, device: torch.device) -> list[System
 # Mels
 # ---------------------------------------------------------------------------------------------
 
-def teacher_forced_mel(tacotron: torch.nn.Module, transcript: str, audio: np.ndarray,
-                       config: HifiGanConfig) -> torch.Tensor:
-    """Tacotron2's post-net mel [num_mels, frames] when fed the ground-truth frames of `audio`: aligned with it.
-
-    save_taco_mels.py's own teacher forcing, so the evaluated mels are the ones finetuning uses. `audio` is the
-    recording read the Tacotron2's way (its level); the mel comes back on the vocoder's scale, len // hop frames.
-    """
-    settings = tacotron.audio
-    tokens = torch.tensor(text_to_sequence(transcript), dtype=torch.long)
-    mel = ground_truth_mel(torch.from_numpy(audio), settings)
-    taco_mel = teacher_forced_mels(tacotron, [tokens], [mel])[0]
-    return for_vocoder(taco_mel.cpu(), len(audio), settings, config.mel_kwargs())
-
-
 def load_tacotron_for(args: argparse.Namespace, systems: list[System], rows: list[ManifestRow],
-                      device: torch.device) -> torch.nn.Module | None:
+                      device: torch.device) -> Tacotron2 | None:
     """The --taco_weights Tacotron2 (None without), checked against every system's mel and every row's transcript."""
     if args.taco_weights is None:
         if args.free_running:
             raise UserError("--free_running needs --taco_weights (the Tacotron2 whose mels are vocoded)")
         return None
-    tacotron = load_tacotron(args.taco_weights, device).eval()
-    trained_with = {"num_mels": tacotron.config.n_mel_channels, **(getattr(tacotron, "audio", None) or {})}
+    tacotron = load_tacotron2(args.taco_weights).to(device)
     for system in systems:
-        for key, value in trained_with.items():
-            if key in MEL_PARAMETERS and value != getattr(system.config, key):
-                raise UserError(f"Tacotron2 {args.taco_weights} was trained with {key}={value} but {system.name} "
-                                f"uses {getattr(system.config, key)}: their mels are not interchangeable")
+        differences = tacotron.mel.differences(system.config.mel)
+        if differences:
+            raise UserError(f"Tacotron2 {args.taco_weights} and {system.name} make different mels "
+                            f"({', '.join(differences)}; the Tacotron2's first): their mels are not interchangeable")
     for row in rows:
         if not row.transcript:
             raise UserError(f"{args.manifest}, line {row.line}: no transcript, which --taco_weights needs "
@@ -160,15 +143,15 @@ class Clip:
     the level and alignment its mel stands for.
     """
 
-    def __init__(self, row: ManifestRow, tacotron: torch.nn.Module | None, free_running: bool,
+    def __init__(self, row: ManifestRow, tacotron: Tacotron2 | None, free_running: bool,
                  max_decoder_steps: int | None = None):
         self.row, self.tacotron, self.free_running = row, tacotron, free_running
         self.max_decoder_steps = max_decoder_steps
         self.recordings: dict[int, np.ndarray] = {}
         self.mels: dict[tuple, torch.Tensor] = {}
         teacher_forced = tacotron is not None and not free_running
-        self.peak = tacotron.audio["audio_peak"] if teacher_forced else None
-        self.shift = frame_shift(tacotron.audio) if teacher_forced else 0
+        self.peak = tacotron.mel.audio_peak if teacher_forced else None
+        self.shift = tacotron.mel.frame_shift if teacher_forced else 0
 
     def recording(self, sampling_rate: int) -> np.ndarray:
         """The recording at `sampling_rate` (at the Tacotron2's level convention with teacher-forced mels)."""
@@ -191,10 +174,10 @@ class Clip:
             # Tacotron2's prenet dropout stays on at inference; seed so that a rerun scores the same mels.
             torch.manual_seed(self.row.line)
             if self.free_running:
-                mel, _ = text_to_mel(self.tacotron, self.row.transcript, config, self.max_decoder_steps)
+                mel, _ = text_to_mel(self.tacotron, self.row.transcript, config.mel, self.max_decoder_steps)
             elif self.tacotron is not None:
                 mel = teacher_forced_mel(self.tacotron, self.row.transcript, self.recording(config.sampling_rate),
-                                         config)
+                                         config.mel)
             else:
                 mel = mel_spectrogram(torch.from_numpy(self.reference(config.sampling_rate)), **config.mel_kwargs())
             self.mels[key] = mel.float().cpu()

@@ -3,7 +3,7 @@
 Reference-based metrics compare a degraded (vocoded) signal with the recording it came from:
 log-mel L1, mel cepstral distortion, PESQ-WB, STOI, F0 RMSE and voicing error. MOS predictors score
 one signal alone: DNSMOS (offline, the `speechmos` package's ONNX models) and UTMOS (only when its
-weights are already on disk; they live on a hub, DESIGN.md §7).
+weights are already on disk; they live on a hub, docs/design.md §8).
 
 Every function takes numpy arrays or tensors, crops the pair to the shorter length (a vocoder returns
 frames * hop samples, a few fewer than the recording), and never returns NaN: where a metric is

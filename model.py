@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -20,7 +22,10 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
-from utils import UserError
+from utils import MelConfig, UserError, mel_spectrogram
+
+if TYPE_CHECKING:  # train_step only calls methods of the Accelerator it is given
+    from accelerate import Accelerator
 
 LRELU_SLOPE = 0.1
 
@@ -31,18 +36,24 @@ LRELU_SLOPE = 0.1
 
 @dataclass
 class HifiGanConfig:
-    """Every hyper-parameter needed to rebuild the generator and its mel; serialised as config.json."""
-    resblock: str = "1"
+    """Every hyper-parameter needed to rebuild the generator and its mel; serialised (flat) as config.json.
+
+    Checked on construction (`check`), so a config from flags, a preset or a config.json cannot build a model that
+    cannot work; train.py's model and mel flags are generated from these fields (utils.add_config_flags).
+    """
+    resblock: str = field(default="1", metadata={"choices": ["1", "2"], "help": "1: V1/V2 MRF blocks; 2: V3's"})
     upsample_rates: tuple[int, ...] = (8, 8, 2, 2)
     upsample_kernel_sizes: tuple[int, ...] = (16, 16, 4, 4)
     upsample_initial_channel: int = 512
     resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
-    resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+    resblock_dilation_sizes: tuple[tuple[int, ...], ...] = field(
+        default=((1, 3, 5), (1, 3, 5), (1, 3, 5)), metadata={"help": "'((1,3,5),(1,3,5),(1,3,5))'"})
     mpd_periods: tuple[int, ...] = (2, 3, 5, 7, 11)
     # 1 = the official discriminators. A larger divisor thins every discriminator layer; it exists
     # for quick experiments and the test suite, where the 70 M official parameters dominate a step.
-    discriminator_width_divisor: int = 1
-    # The mel the generator consumes (DESIGN.md §1).
+    discriminator_width_divisor: int = field(default=1, metadata={
+        "help": "thin every discriminator layer by this factor (1 = official; tests use 8)"})
+    # The mel the generator consumes (utils.MelConfig; docs/design.md).
     sampling_rate: int = 22050
     num_mels: int = 80
     n_fft: int = 1024
@@ -50,17 +61,42 @@ class HifiGanConfig:
     hop_size: int = 256
     fmin: float = 0.0
     fmax: float | None = 8000.0
-    fmax_loss: float | None = None
-    mel_scale: str = "log"
+    fmax_loss: float | None = field(default=None, metadata={"help": "mel-loss fmax (default: sampling_rate / 2)"})
+    mel_scale: str = field(default="log", metadata={"choices": ["log", "db"],
+                                                    "help": "log: natural log (official); db: the tutorial's scale"})
     min_db: float = -100.0
     max_scaled_abs: float = 4.0
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """A UserError naming the fix for a combination that cannot work."""
+        if math.prod(self.upsample_rates) != self.hop_size:
+            raise UserError(f"the upsample rates {tuple(self.upsample_rates)} multiply to "
+                            f"{math.prod(self.upsample_rates)}, but the generator must upsample each mel frame by "
+                            f"--hop_size {self.hop_size}; make their product the hop size")
+        if len(self.upsample_rates) != len(self.upsample_kernel_sizes):
+            raise UserError("--upsample_rates and --upsample_kernel_sizes need the same number of values")
+        if len(self.resblock_kernel_sizes) != len(self.resblock_dilation_sizes):
+            raise UserError("--resblock_kernel_sizes and --resblock_dilation_sizes need the same number of entries")
+        if self.resblock not in ("1", "2"):
+            raise UserError(f"--resblock {self.resblock!r}: choose 1 or 2")
+        if self.fmax_loss is not None and self.fmax_loss > self.sampling_rate / 2:
+            raise UserError(f"--fmax_loss {self.fmax_loss} is above the Nyquist frequency "
+                            f"({self.sampling_rate / 2:g} Hz); lower it or leave it out")
+        self.mel.checked()
+
+    @property
+    def mel(self) -> MelConfig:
+        """The generator's input mel: the vocoder's frames, and the official pretraining level (0.95 peak)."""
+        return MelConfig(sampling_rate=self.sampling_rate, num_mels=self.num_mels, n_fft=self.n_fft,
+                         window_size=self.window_size, hop_size=self.hop_size, fmin=self.fmin, fmax=self.fmax,
+                         mel_scale=self.mel_scale, min_db=self.min_db, max_scaled_abs=self.max_scaled_abs)
+
     def mel_kwargs(self, for_loss: bool = False) -> dict:
-        """Keyword arguments of utils.mel_spectrogram for the input mel (or the loss mel)."""
-        return dict(sampling_rate=self.sampling_rate, n_fft=self.n_fft, num_mels=self.num_mels,
-                    hop_size=self.hop_size, window_size=self.window_size, fmin=self.fmin,
-                    fmax=self.fmax_loss if for_loss else self.fmax, mel_scale=self.mel_scale,
-                    min_db=self.min_db, max_scaled_abs=self.max_scaled_abs)
+        """Keyword arguments of utils.mel_spectrogram for the input mel (or the loss mel, up to fmax_loss)."""
+        return {**self.mel.kwargs(), "fmax": self.fmax_loss} if for_loss else self.mel.kwargs()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -344,7 +380,69 @@ def mel_loss(mel: torch.Tensor, mel_generated: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: official names <-> parametrization names, loading (DESIGN.md §3)
+# One training step (train.py, bench.py)
+# ---------------------------------------------------------------------------------------------
+
+def step_if_finite(accelerator: Accelerator, optimizer: torch.optim.Optimizer, finite: bool) -> None:
+    if finite:
+        optimizer.step()
+    elif accelerator.scaler is not None:
+        # fp16: step() is what updates the GradScaler; skipping it must still lower the loss scale, or the
+        # next unscale_ finds the scaler stale and fails.
+        accelerator.scaler.update()
+
+
+def train_step(accelerator: Accelerator, generator: torch.nn.Module, mpd: torch.nn.Module, msd: torch.nn.Module,
+               optim_g: torch.optim.Optimizer, optim_d: torch.optim.Optimizer, mel: torch.Tensor, audio: torch.Tensor,
+               loss_mel_target: torch.Tensor, mel_kwargs_loss: dict, lambda_mel: float = 45.0,
+               lambda_feature_matching: float = 2.0) -> dict[str, torch.Tensor | bool]:
+    """One HiFi-GAN step: discriminators, then generator (official order). Returns losses and grad norms.
+
+    An optimiser whose loss or gradient norm is not finite does not step (its weights stay untouched);
+    `<name>_stepped` says which stepped. Gradients are all-reduced first, so every process agrees.
+    """
+    audio = audio.unsqueeze(1)
+    audio_generated = generator(mel)
+    with torch.autocast(accelerator.device.type, enabled=False):  # the mel loss in full precision
+        mel_generated = mel_spectrogram(audio_generated.squeeze(1).float(), **mel_kwargs_loss)
+
+    # Discriminator step, on generated audio detached from the generator.
+    optim_d.zero_grad(set_to_none=True)
+    real, fake, _, _ = mpd(audio, audio_generated.detach())
+    loss_disc = discriminator_loss(real, fake)
+    real, fake, _, _ = msd(audio, audio_generated.detach())
+    loss_disc = loss_disc + discriminator_loss(real, fake)
+    accelerator.backward(loss_disc)
+    grad_norm_d = accelerator.clip_grad_norm_(itertools.chain(mpd.parameters(), msd.parameters()), math.inf)
+    discriminator_stepped = bool(torch.isfinite(loss_disc.detach()) & torch.isfinite(grad_norm_d))
+    step_if_finite(accelerator, optim_d, discriminator_stepped)
+
+    # Generator step: adversarial + feature matching + mel L1, through the just-updated discriminators.
+    # Their own gradients from this pass are thrown away (zeroed before the next discriminator step),
+    # so under DDP they need not be all-reduced: no_sync saves that communication.
+    optim_g.zero_grad(set_to_none=True)
+    with accelerator.no_sync(mpd), accelerator.no_sync(msd):
+        _, fake_period, fmap_real_period, fmap_fake_period = mpd(audio, audio_generated)
+        _, fake_scale, fmap_real_scale, fmap_fake_scale = msd(audio, audio_generated)
+        loss_mel = mel_loss(loss_mel_target, mel_generated)
+        loss_fm = feature_matching_loss(fmap_real_period, fmap_fake_period) + \
+            feature_matching_loss(fmap_real_scale, fmap_fake_scale)
+        loss_adv = generator_loss(fake_period) + generator_loss(fake_scale)
+        loss_gen = loss_adv + lambda_feature_matching * loss_fm + lambda_mel * loss_mel
+        accelerator.backward(loss_gen)
+    grad_norm_g = accelerator.clip_grad_norm_(generator.parameters(), math.inf)
+    generator_stepped = bool(torch.isfinite(loss_gen.detach()) & torch.isfinite(grad_norm_g))
+    step_if_finite(accelerator, optim_g, generator_stepped)
+    optim_g.zero_grad(set_to_none=True)
+    return {"loss_generator": loss_gen.detach(), "loss_discriminator": loss_disc.detach(),
+            "loss_mel": loss_mel.detach(), "loss_feature_matching": loss_fm.detach(),
+            "loss_adversarial": loss_adv.detach(), "grad_norm_generator": grad_norm_g,
+            "grad_norm_discriminator": grad_norm_d, "discriminator_stepped": discriminator_stepped,
+            "generator_stepped": generator_stepped}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: official names <-> parametrization names, loading (docs/design.md §3)
 # ---------------------------------------------------------------------------------------------
 
 # torch.nn.utils.parametrizations names its tensors differently from the old hooks the official

@@ -1,4 +1,4 @@
-"""Teacher-forced Tacotron2 mels for finetuning HiFi-GAN on what Tacotron2 really outputs (DESIGN.md §4).
+"""Teacher-forced Tacotron2 mels for finetuning HiFi-GAN on what Tacotron2 really outputs (docs/design.md §4).
 
     python save_taco_mels.py --path_to_manifest data/splits/train.csv data/splits/test.csv \
         --path_to_save data/taco_mels --taco_weights work_dir/tacotron2/checkpoint_50000
@@ -6,18 +6,19 @@
 
 For each clip: its ground-truth mel goes into the Tacotron2 decoder as the previous-frame input (teacher forcing),
 and the post-net mel comes out, frame for frame. It is written as `<path_to_save>/<wav stem>.npy`, float32
-[num_mels, frames] with frames == len(audio) // hop_size, the frames of the clip's ground-truth mel (DESIGN.md §1),
+[num_mels, frames] with frames == len(audio) // hop_size, the frames of the clip's ground-truth mel (docs/design.md §1),
 in the vocoder's --mel_scale. `train.py --finetune --path_to_saved_mels DIR` reads them.
 
 Each clip is read and framed the way the Tacotron2's training data was (tacotron2/teacher_forcing.py): NVIDIA's
 tacotron2_statedict.pt at the recorded level with centred STFT frames; a checkpoint folder or export of
-tacotron2/train.py with the settings in its config.json ("audio"). `DIR/taco_mels.json` records the level and the
+train_tacotron2.py with the settings in its config.json ("audio"). `DIR/taco_mels.json` records the level and the
 frame offset of the mels, and finetuning reads its target audio the same way, so mel and audio line up.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import warnings
@@ -32,17 +33,11 @@ from tqdm.auto import tqdm
 
 from dataset import check_saved_mels_info, write_saved_mels_info
 from tacotron2 import load_tacotron2, text_to_sequence
-from tacotron2.teacher_forcing import (
-    for_vocoder,
-    frame_shift,
-    ground_truth_mel,
-    load_clip,
-    mel_settings,
-    teacher_forced_mels,
-)
-from utils import UserError, read_manifest, run_cli
+from tacotron2.teacher_forcing import for_vocoder, teacher_forced_mels
+from utils import MelConfig, UserError, add_config_flags, config_overrides, read_manifest, run_cli
 
-MEL_FLAGS = ("sampling_rate", "num_mels", "n_fft", "window_size", "hop_size", "fmin", "fmax")
+# The flags that choose the scale written out, not the Tacotron2's own.
+OUTPUT_SCALE = ("mel_scale", "min_db", "max_scaled_abs")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,39 +50,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--overwrite", action="store_true", help="redo clips whose .npy already exists (default: skip them)")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto")
     add("--seed", type=int, default=1234, help="seeds the prenet dropout, which stays on (see teacher_forced_mels)")
-    # Mel parameters: default to the checkpoint's, which the Tacotron2 was trained on.
-    add("--sampling_rate", type=int, default=None)
-    add("--num_mels", type=int, default=None)
-    add("--n_fft", type=int, default=None)
-    add("--window_size", type=int, default=None)
-    add("--hop_size", type=int, default=None)
-    add("--fmin", type=float, default=None)
-    add("--fmax", type=float, default=None)
     add("--mel_scale", choices=["log", "db"], default="log",
         help="the scale the vocoder reads (the Tacotron2's own is converted to it): log (HiFi-GAN's) or db")
     add("--min_db", type=float, default=None, help="for --mel_scale db (default: the checkpoint's, or -100)")
     add("--max_scaled_abs", type=float, default=None, help="for --mel_scale db (default: the checkpoint's, or 4)")
+    # The Tacotron2's own mel settings come from its checkpoint; a flag overrides one (rarely what one wants).
+    add_config_flags(parser, MelConfig, "the Tacotron2's mel (default: what it was trained with)", skip=OUTPUT_SCALE)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
     return args
 
 
-def resolve_audio(args: argparse.Namespace, weights: str) -> tuple[dict, dict]:
-    """(the Tacotron2's mel settings, the scale written out) -- see tacotron2.teacher_forcing.mel_settings."""
-    taco = mel_settings(weights)
-    for name in MEL_FLAGS:
-        value = getattr(args, name)
-        if value is None:
-            continue
-        if taco[name] != value:
+def resolve_mels(args: argparse.Namespace, trained: MelConfig) -> tuple[MelConfig, MelConfig]:
+    """(the mel the Tacotron2 is fed and writes, the mel written out: the same but on --mel_scale)."""
+    overrides = config_overrides(args, MelConfig, skip=OUTPUT_SCALE)
+    for name, value in overrides.items():
+        if getattr(trained, name) != value:
             # Teacher forcing with a mel the model was not trained on gives meaningless output; allowed, but said.
-            warnings.warn(f"--{name} {value} differs from the {taco[name]} this Tacotron2 was trained with",
-                          stacklevel=2)
-        taco[name] = value
-    out = {**taco, "mel_scale": args.mel_scale,
-           "min_db": taco["min_db"] if args.min_db is None else args.min_db,
-           "max_scaled_abs": taco["max_scaled_abs"] if args.max_scaled_abs is None else args.max_scaled_abs}
+            warnings.warn(f"--{name} {value} differs from the {getattr(trained, name)} this Tacotron2 was trained "
+                          "with", stacklevel=2)
+    taco = dataclasses.replace(trained, **overrides)
+    scale = {"mel_scale": args.mel_scale, "min_db": args.min_db, "max_scaled_abs": args.max_scaled_abs}
+    out = dataclasses.replace(taco, **{key: value for key, value in scale.items() if value is not None})
     return taco, out
 
 
@@ -106,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and accelerator.device.type != "cuda":
         raise UserError("--device cuda, but torch sees no CUDA device here; use --device auto or cpu")
     model = load_tacotron2(args.taco_weights).to(accelerator.device)
-    taco_audio, out_audio = resolve_audio(args, args.taco_weights)
-    if taco_audio["num_mels"] != model.config.n_mel_channels:
+    taco_mel, out_mel = resolve_mels(args, model.mel)
+    if taco_mel.num_mels != model.config.n_mel_channels:
         raise UserError(f"{args.taco_weights} predicts {model.config.n_mel_channels} mel channels, but the mel "
-                        f"settings say {taco_audio['num_mels']}; drop --num_mels or fix it")
+                        f"settings say {taco_mel.num_mels}; drop --num_mels or fix it")
 
     # Every clip of every manifest, each once; the output name is the wav's stem, so two wavs must not share one.
     clips, by_stem = [], {}
@@ -128,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     # How finetuning must read the target audio of these mels; a folder holding mels made otherwise is refused
     # (unless --overwrite), since its old and new mels would need different audio.
-    info = {"audio_peak": taco_audio["audio_peak"], "frame_shift": frame_shift(taco_audio),
-            "mel": {key: out_audio[key] for key in (*MEL_FLAGS, "mel_scale", "min_db", "max_scaled_abs")},
+    info = {"audio_peak": taco_mel.audio_peak, "frame_shift": taco_mel.frame_shift,
+            "mel": {key: value for key, value in out_mel.kwargs().items() if key != "center"},
             "tacotron2": str(args.taco_weights)}
     check_saved_mels_info(out_dir, info, overwrite=args.overwrite)  # every process: any may have to stop
     accelerator.wait_for_everyone()
@@ -138,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     level = "as recorded" if info["audio_peak"] is None else f"peak-normalised to {info['audio_peak']}"
     frames = "centred STFT frames" if info["frame_shift"] else "the vocoder's STFT frames"
     accelerator.print(f"{len(clips)} clips -> {out_dir} ({model.config.n_mel_channels} mels, hop "
-                      f"{taco_audio['hop_size']}, Tacotron2 mel {taco_audio['mel_scale']}, written "
-                      f"{out_audio['mel_scale']}; audio {level}, {frames}) on {accelerator.num_processes} "
+                      f"{taco_mel.hop_size}, Tacotron2 mel {taco_mel.mel_scale}, written "
+                      f"{out_mel.mel_scale}; audio {level}, {frames}) on {accelerator.num_processes} "
                       f"process(es), {accelerator.device}")
     # Seeded per process: reruns give the same mels (the prenet dropout is random).
     torch.manual_seed(args.seed + accelerator.process_index)
@@ -177,20 +162,20 @@ def main(argv: list[str] | None = None) -> int:
             batch = []
             for _, manifest, row, tokens in todo[start:start + args.batch_size]:
                 try:
-                    audio = torch.from_numpy(load_clip(row.audio_path, taco_audio))
+                    audio = torch.from_numpy(taco_mel.load(row.audio_path))
                 except UserError as error:
                     fail(manifest, row, str(error))
                     continue
-                if len(audio) < taco_audio["hop_size"]:
+                if len(audio) < taco_mel.hop_size:
                     fail(manifest, row, f"shorter than one hop ({len(audio)} samples)")
                     continue
                 # The Tacotron2's own frames (NVIDIA's: one more than len // hop); teacher forcing keeps the count.
-                batch.append((manifest, row, tokens, ground_truth_mel(audio, taco_audio), len(audio)))
+                batch.append((manifest, row, tokens, taco_mel.mel(audio), len(audio)))
             if not batch:
                 continue
             mels = teacher_forced_mels(model, [item[2] for item in batch], [item[3] for item in batch])
             for (_, row, _, _, num_samples), mel in zip(batch, mels):
-                mel = for_vocoder(mel, num_samples, taco_audio, out_audio)  # len(audio) // hop frames
+                mel = for_vocoder(mel, num_samples, taco_mel, out_mel)  # len(audio) // hop frames
                 write_npy(out_dir / f"{Path(row.audio_path).stem}.npy", mel.cpu().numpy().astype(np.float32))
                 wrote += 1
                 progress.update(1)

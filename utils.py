@@ -1,14 +1,18 @@
-"""Shared helpers: the one mel spectrogram of the repo, audio and manifest I/O, user-facing errors.
+"""Shared helpers: the one mel spectrogram of the repo and its settings, audio and manifest I/O, user-facing errors.
 
-DESIGN.md §1 fixes the mel convention; every mel in the repo (dataset inputs, the mel loss,
-Tacotron2 targets, teacher-forced mels, inference from wav, evaluation) comes from
-`mel_spectrogram` below.
+Every mel in the repo (dataset inputs, the mel loss, Tacotron2 targets, teacher-forced mels, inference from wav,
+evaluation) comes from `mel_spectrogram` below, with the settings of a `MelConfig`; docs/design.md describes the
+convention.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import csv
+import dataclasses
 import functools
+import itertools
 import math
 import os
 import sys
@@ -42,7 +46,7 @@ def run_cli(main: Callable[[], object]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=32)
-def _mel_basis(sampling_rate: int, n_fft: int, num_mels: int, fmin: float, fmax: float | None,
+def mel_filter_bank(sampling_rate: int, n_fft: int, num_mels: int, fmin: float, fmax: float | None,
                device: torch.device) -> torch.Tensor:
     # librosa is imported lazily: its first filter-bank call compiles numba code (10-16 s), and
     # lru_cache makes sure that happens once per process and parameter set, not once per step.
@@ -92,7 +96,7 @@ def mel_spectrogram(audio: torch.Tensor, *, sampling_rate: int, n_fft: int, num_
                       normalized=False, onesided=True, return_complex=True)
     # sqrt(re^2 + im^2 + 1e-9) rather than abs(): the epsilon keeps the gradient finite at zero.
     magnitude = torch.sqrt(spec.real.pow(2) + spec.imag.pow(2) + 1e-9)
-    mel = torch.matmul(_mel_basis(sampling_rate, n_fft, num_mels, float(fmin),
+    mel = torch.matmul(mel_filter_bank(sampling_rate, n_fft, num_mels, float(fmin),
                                   None if fmax is None else float(fmax), audio.device), magnitude)
     if mel_scale == "log":
         mel = torch.log(torch.clamp(mel, min=1e-5))
@@ -115,6 +119,160 @@ def db_mel_to_log_mel(mel: torch.Tensor, min_db: float = -100.0, max_scaled_abs:
     """Inverse of `log_mel_to_db_mel` (exact above the min_db floor)."""
     db = (mel / max_scaled_abs + 1.0) / 2.0 * -min_db + min_db
     return db * math.log(10.0) / 20.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags from config dataclasses
+# ---------------------------------------------------------------------------------------------
+
+def int_list(text: str) -> list[int]:
+    """'8 8 2 2' arrives as four tokens; '8,8,2,2' or '(8,8,2,2)' as one. Accept all."""
+    return [int(v) for v in text.replace("(", " ").replace(")", " ").replace("[", " ").replace("]", " ")
+            .replace(",", " ").split()]
+
+
+def nested_int_tuple(text: str) -> tuple[tuple[int, ...], ...]:
+    """Parse '((1,3,5),(1,3,5),(1,3,5))' with ast.literal_eval (never eval: a flag must not run code)."""
+    try:
+        value = ast.literal_eval(text)
+        return tuple(tuple(int(d) for d in group) for group in value)
+    except (ValueError, SyntaxError, TypeError):
+        raise argparse.ArgumentTypeError(
+            f"expected nested integer tuples like '((1,3,5),(1,3,5))', got {text!r}") from None
+
+
+def float_or_none(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+# How each field type of a config dataclass is read from the command line.
+_FLAG_TYPES = {"int": {"type": int}, "float": {"type": float}, "str": {"type": str},
+               "float | None": {"type": float_or_none}, "bool": {"action": argparse.BooleanOptionalAction},
+               "tuple[int, ...]": {"type": int_list, "nargs": "+"},
+               "tuple[tuple[int, ...], ...]": {"type": nested_int_tuple}}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type, title: str,
+                     defaults: object | None = None, skip: tuple[str, ...] = ()) -> None:
+    """A `--<field>` flag for every field of a config dataclass: the flags and the config cannot drift apart.
+
+    With `defaults` (an instance) a flag defaults to its value; without, to None, meaning "not given" (the caller
+    fills in a preset or a checkpoint's value, see `config_overrides`). Help and choices come from field metadata.
+    """
+    group = parser.add_argument_group(title)
+    for field in dataclasses.fields(config_class):
+        if field.name in skip:
+            continue
+        kind = _FLAG_TYPES[str(field.type)]
+        default = None if defaults is None else getattr(defaults, field.name)
+        group.add_argument(f"--{field.name}", default=default, choices=field.metadata.get("choices"),
+                           help=field.metadata.get("help"), **kind)
+
+
+def config_overrides(args: argparse.Namespace, config_class: type, skip: tuple[str, ...] = ()) -> dict:
+    """The fields of `config_class` given on the command line (not None), as config values."""
+    values = {}
+    for field in dataclasses.fields(config_class):
+        value = None if field.name in skip else getattr(args, field.name, None)
+        if value is None:
+            continue
+        if str(field.type) == "tuple[int, ...]":  # nargs="+" of int_lists -> one flat tuple
+            value = tuple(itertools.chain.from_iterable(value))
+        values[field.name] = value
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# Mel settings
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MelConfig:
+    """Every setting that turns a recording into a mel: the STFT and filter bank, the scale, the frames, the level.
+
+    The vocoder stores these (flat) in its config.json, a Tacotron2 under "audio" in its own; every script reads
+    them from there. The defaults are the official HiFi-GAN's; `MelConfig.nvidia()` is NVIDIA Tacotron2's.
+    """
+    sampling_rate: int = 22050
+    num_mels: int = 80
+    n_fft: int = 1024
+    window_size: int = 1024
+    hop_size: int = 256
+    fmin: float = 0.0
+    fmax: float | None = 8000.0
+    mel_scale: str = dataclasses.field(default="log", metadata={
+        "choices": ["log", "db"], "help": "log: natural log (HiFi-GAN's, NVIDIA's); db: the seed tutorial's scale"})
+    min_db: float = dataclasses.field(default=-100.0, metadata={"help": "db scale: the floor, mapped to "
+                                                                "-max_scaled_abs"})
+    max_scaled_abs: float = dataclasses.field(default=4.0, metadata={"help": "db scale: 0 dB maps to this"})
+    center: bool = dataclasses.field(default=False, metadata={"help": "NVIDIA's centred STFT frames"})
+    # None: the level as recorded (NVIDIA's Tacotron2 was trained so).
+    audio_peak: float | None = dataclasses.field(default=0.95, metadata={
+        "help": "peak-normalise each clip to this before its mel (official HiFi-GAN: 0.95); 'none': as recorded"})
+
+    @classmethod
+    def nvidia(cls) -> MelConfig:
+        """NVIDIA's published Tacotron2 (its hparams.py, TacotronSTFT and TextMelLoader); its file stores none of it."""
+        return cls(center=True, audio_peak=None)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> MelConfig:
+        """From a config.json's entries; keys that are not mel settings are ignored, missing ones keep the defaults."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known}).checked()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def kwargs(self) -> dict:
+        """`mel_spectrogram`'s keyword arguments (all but the level, which is the audio's business)."""
+        values = self.to_dict()
+        del values["audio_peak"]
+        return values
+
+    def mel(self, audio: torch.Tensor) -> torch.Tensor:
+        return mel_spectrogram(audio, **self.kwargs())
+
+    def load(self, path: str | os.PathLike) -> np.ndarray:
+        """A recording at this sample rate and level."""
+        return load_audio(path, self.sampling_rate, peak=self.audio_peak)
+
+    @property
+    def frame_shift(self) -> int:
+        """Samples by which mel frame i's audio starts before i*hop: hop/2 for centred frames, else 0."""
+        return self.hop_size // 2 if self.center else 0
+
+    def convert(self, mel: torch.Tensor, target: MelConfig) -> torch.Tensor:
+        """A mel on this scale re-expressed on `target`'s (log or dB): the repo's one conversion between them."""
+        if self.mel_scale == "db":
+            mel = db_mel_to_log_mel(mel, self.min_db, self.max_scaled_abs)
+        if target.mel_scale == "db":
+            mel = log_mel_to_db_mel(mel, target.min_db, target.max_scaled_abs)
+        return mel
+
+    def differences(self, other: MelConfig, names: tuple[str, ...] = ("sampling_rate", "num_mels", "n_fft",
+                    "window_size", "hop_size", "fmin", "fmax")) -> list[str]:
+        """'name this (other)' for each of `names` that differs: by default what must agree for one model's mel to
+        feed another (the scale is converted, the frames and level are followed)."""
+        return [f"{name} {getattr(self, name)} ({getattr(other, name)})" for name in names
+                if getattr(self, name) != getattr(other, name)]
+
+    def checked(self) -> MelConfig:
+        """Itself, or a UserError naming the setting that cannot work and the fix."""
+        if self.mel_scale not in ("log", "db"):
+            raise UserError(f"mel_scale {self.mel_scale!r}: choose log or db")
+        if self.fmax is not None and self.fmax > self.sampling_rate / 2:
+            raise UserError(f"fmax {self.fmax} is above the Nyquist frequency of {self.sampling_rate} Hz audio "
+                            f"({self.sampling_rate / 2:g}); lower --fmax")
+        if not 0 <= self.fmin < (self.fmax or self.sampling_rate / 2):
+            raise UserError(f"fmin {self.fmin} must be at least 0 and below fmax {self.fmax}")
+        if self.window_size > self.n_fft:
+            raise UserError(f"window_size {self.window_size} is longer than n_fft {self.n_fft}; raise --n_fft")
+        if not 0 < self.hop_size <= self.window_size:
+            raise UserError(f"hop_size {self.hop_size} must be positive and at most window_size {self.window_size}")
+        if self.audio_peak is not None and not 0 < self.audio_peak <= 1:
+            raise UserError(f"audio_peak {self.audio_peak} must be in (0, 1], or None for the recorded level")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +320,7 @@ def save_audio(path: str | os.PathLike, audio: np.ndarray | torch.Tensor, sampli
 
 
 # ---------------------------------------------------------------------------------------------
-# Manifests (DESIGN.md §2)
+# Manifests (docs/design.md §2)
 # ---------------------------------------------------------------------------------------------
 
 @dataclass

@@ -6,10 +6,14 @@ Two layouts are read, told apart by content:
   `{"state_dict": ..., "iteration": int, "learning_rate": float, "optimizer": ...}` with no
   hyper-parameters inside. A `module.` prefix (DataParallel) is stripped; a bare state dict is
   accepted too. With `config=None` the hyper-parameters are read off the tensor shapes.
-- **This repo's** (what `save_tacotron2` writes, as for the generator in DESIGN.md §3): a
-  `.safetensors` file (the state dict, NVIDIA's key names; `tacotron2.safetensors` by default)
-  with `config.json` beside it (the `Tacotron2Config` fields, plus any `extra` keys the caller
-  stored, e.g. the mel parameters). The folder or the .safetensors file itself may be given.
+- **This repo's** (what `save_tacotron2` writes, as for the generator): a `.safetensors` file (the state
+  dict, NVIDIA's key names; `tacotron2.safetensors` by default) with `config.json` beside it (the
+  `Tacotron2Config` fields, and under "audio" the model's `MelConfig`). The folder or the .safetensors
+  file itself may be given.
+
+Either way the loaded model's `mel` says how its training mels were made: NVIDIA's conventions for
+NVIDIA's file (`MelConfig.nvidia()`), the stored "audio" for this repo's (with the level and frame
+conventions of the time for a checkpoint from before they were stored: 0.95 peak, the vocoder's frames).
 
 Pickles are opened with `torch.load(..., weights_only=True)` only: a file that would run code or
 build arbitrary objects on loading is refused with a `UserError`, never executed.
@@ -31,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tacotron2.model import Tacotron2, Tacotron2Config
-from utils import UserError
+from utils import MelConfig, UserError
 
 WEIGHTS_NAME = "tacotron2.safetensors"
 CONFIG_NAME = "config.json"
@@ -43,8 +47,8 @@ def save_tacotron2(model: Tacotron2, path: str | os.PathLike, extra: Mapping[str
     """Write `model` as `tacotron2.safetensors` + `config.json` in the folder `path`; returns the weights file.
 
     A `path` ending in `.safetensors` names the weights file itself (config.json goes beside it).
-    `extra` (JSON-serialisable, keys distinct from the config's) is stored in `config.json` beside
-    the hyper-parameters, e.g. `{"audio": {...mel parameters...}}`; `load_tacotron2` ignores it.
+    `config.json` holds the hyper-parameters and `model.mel` as "audio"; `extra` (JSON-serialisable, keys
+    distinct from the config's) is stored beside them, and may replace "audio".
     Each file is written under a temporary name and renamed, so a crash never leaves half a file.
     """
     path = Path(path)
@@ -60,7 +64,7 @@ def save_tacotron2(model: Tacotron2, path: str | os.PathLike, extra: Mapping[str
     os.replace(tmp, weights)
     config_file = weights.parent / CONFIG_NAME
     tmp = config_file.with_name(CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps({**config, **(extra or {})}, indent=2) + "\n")
+    tmp.write_text(json.dumps({**config, "audio": model.mel.to_dict(), **(extra or {})}, indent=2) + "\n")
     os.replace(tmp, config_file)
     return weights
 
@@ -80,18 +84,19 @@ def load_tacotron2(path: str | os.PathLike, config: ConfigLike = None) -> Tacotr
     if path.is_dir() and not weights.is_file():
         raise UserError(f"{path}: a folder without {WEIGHTS_NAME}; expected what save_tacotron2 writes "
                         f"({WEIGHTS_NAME} + {CONFIG_NAME}) or NVIDIA's checkpoint file")
-    stored_config = None
+    stored_config, mel = None, MelConfig.nvidia()  # NVIDIA's file stores no mel settings: theirs
     if _looks_like_safetensors(weights):
         state_dict = _read_safetensors(weights)
         config_file = weights.parent / CONFIG_NAME
         if config is None and config_file.is_file():
             stored_config = _resolve_config(config_file)
+        mel = _stored_mel(config_file)
     else:
         state_dict = _read_torch_checkpoint(weights)
     resolved = _resolve_config(config) if config is not None else stored_config
     if resolved is None:
         resolved = config_from_state_dict(state_dict, source=weights)
-    model = Tacotron2(resolved)
+    model = Tacotron2(resolved, mel)
     _load_checked(model, state_dict, weights, explicit=config is not None)
     return model.eval()
 
@@ -201,6 +206,16 @@ def _read_torch_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if state_dict and all(str(k).startswith("module.") for k in state_dict):
         state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}  # saved from DataParallel
     return dict(state_dict)
+
+
+def _stored_mel(config_file: Path) -> MelConfig:
+    """This repo's checkpoint's MelConfig ("audio" in config.json); before the level and frame conventions were
+    stored, train_tacotron2.py always used the defaults (0.95 peak, the vocoder's frames)."""
+    try:
+        audio = json.loads(config_file.read_text()).get("audio") if config_file.is_file() else None
+    except (OSError, ValueError, AttributeError) as error:
+        raise UserError(f"{config_file}: not a readable config.json ({error})") from None
+    return MelConfig.from_dict(audio or {})
 
 
 def _resolve_config(config: ConfigLike) -> Tacotron2Config | None:

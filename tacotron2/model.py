@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tacotron2.text import text_to_sequence
-from utils import UserError
+from utils import MelConfig, UserError
 
 
 @dataclass
@@ -341,13 +341,14 @@ class Decoder(nn.Module):
 class Tacotron2(nn.Module):
     """Text (symbol ids, see `tacotron2.text`) -> log-mel spectrogram, NVIDIA's parameter layout.
 
-    The mel convention is whatever the model was trained on; NVIDIA's checkpoints use DESIGN.md §1's
-    default (natural log, 22050 Hz, hop 256, fmax 8000).
+    `mel` is the mel the model was trained on (its frames, scale and level): `MelConfig.nvidia()` for NVIDIA's
+    published weights, what train_tacotron2.py used for this repo's; checkpoints store it (tacotron2.checkpoint).
     """
 
-    def __init__(self, config: Tacotron2Config | None = None) -> None:
+    def __init__(self, config: Tacotron2Config | None = None, mel: MelConfig | None = None) -> None:
         super().__init__()
         self.config = config or Tacotron2Config()
+        self.mel = mel or MelConfig()
         c = self.config
         self.embedding = nn.Embedding(c.n_symbols, c.symbols_embedding_dim)
         # NVIDIA's init: uniform with the Xavier bound of an [n_symbols, dim] matrix.

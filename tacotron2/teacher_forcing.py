@@ -1,24 +1,20 @@
 """Teacher forcing: Tacotron2's post-net mels for the frames of a recording, as finetuning and evaluation use them.
 
-A Tacotron2 only makes sense of mels made the way its training mels were. Besides the mel parameters, two
-conventions differ between Tacotron2s, and `mel_settings` returns them with the rest:
+A Tacotron2 only makes sense of mels made the way its training mels were: `model.mel` (a utils.MelConfig, stored
+with every checkpoint) says how, including two conventions that differ between NVIDIA's Tacotron2 and this repo's:
 
-- the level (`audio_peak`): NVIDIA's Tacotron2 was trained on int16 audio / 32768, as recorded (None); this repo's
-  tacotron2/train.py peak-normalises each clip, to 0.95 by default, as the vocoder's pretraining does.
+- the level (`audio_peak`): NVIDIA's was trained on int16 audio / 32768, as recorded (None); train_tacotron2.py
+  peak-normalises each clip, to 0.95 by default, as the vocoder's pretraining does.
 - the frames (`center`): NVIDIA's STFT is centred (n_fft / 2 reflect padding, len // hop + 1 frames, frame i
   centred on sample i*hop); this repo's mels are the vocoder's ((n_fft - hop) / 2 padding, len // hop frames,
   frame i centred on sample i*hop + hop / 2).
 
 The teacher-forced mel handed to the vocoder keeps len // hop frames either way. With centred frames, frame i
-belongs to the samples [i*hop - hop/2, (i+1)*hop - hop/2): its audio is delayed by `frame_shift(settings)` = hop/2
-samples, which save_taco_mels.py records beside the mels and the finetuning dataset applies.
+belongs to the samples [i*hop - hop/2, (i+1)*hop - hop/2): the audio is delayed by `MelConfig.frame_shift` samples,
+which save_taco_mels.py records beside the mels (dataset.py's taco_mels.json) and the finetuning dataset applies.
 """
 
 from __future__ import annotations
-
-import json
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,66 +22,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from tacotron2.data import collate
 from tacotron2.model import Tacotron2, padding_mask
-from utils import UserError, db_mel_to_log_mel, load_audio, log_mel_to_db_mel, mel_spectrogram
-
-# NVIDIA's published Tacotron2 (NVIDIA/tacotron2 hparams.py, layers.TacotronSTFT, data_utils.TextMelLoader):
-# its file stores none of this, so it is written down here.
-NVIDIA_MEL = dict(sampling_rate=22050, num_mels=80, n_fft=1024, window_size=1024, hop_size=256, fmin=0.0,
-                  fmax=8000.0, mel_scale="log", min_db=-100.0, max_scaled_abs=4.0, center=True, audio_peak=None)
-# What this repo's tacotron2/train.py did before its config.json recorded the two conventions.
-REPO_LEGACY_CONVENTIONS = dict(center=False, audio_peak=0.95)
-# The mel parameters that must agree between a Tacotron2 and the vocoder reading its mels (the scale is converted).
-SHARED_MEL_PARAMETERS = ("sampling_rate", "num_mels", "n_fft", "window_size", "hop_size", "fmin", "fmax")
-
-
-def stored_audio(weights: str | os.PathLike) -> dict:
-    """The mel settings ("audio" in config.json) a checkpoint/export of this repo was trained with; {} for NVIDIA's
-    file, which holds none."""
-    weights = Path(weights)
-    config_file = weights / "config.json" if weights.is_dir() else weights.parent / "config.json"
-    if not (weights.is_dir() or weights.suffix == ".safetensors") or not config_file.is_file():
-        return {}
-    try:
-        return dict(json.loads(config_file.read_text()).get("audio") or {})
-    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as error:
-        raise UserError(f"{config_file}: not a readable config.json ({error})") from None
-
-
-def mel_settings(weights: str | os.PathLike) -> dict:
-    """Every mel setting of a Tacotron2's training data, conventions included (see the module docstring)."""
-    stored = stored_audio(weights)
-    if not stored:
-        return dict(NVIDIA_MEL)
-    return {**NVIDIA_MEL, **REPO_LEGACY_CONVENTIONS, **stored}
-
-
-def mel_kwargs(settings: dict) -> dict:
-    """The keyword arguments of utils.mel_spectrogram among `settings` (the level is not the mel's business)."""
-    return {key: value for key, value in settings.items() if key != "audio_peak"}
-
-
-def frame_shift(settings: dict) -> int:
-    """Samples by which the audio of mel frame i starts before i*hop: hop/2 for centred frames, else 0."""
-    return settings["hop_size"] // 2 if settings.get("center") else 0
-
-
-def convert_scale(mel: torch.Tensor, source: dict, target: dict) -> torch.Tensor:
-    """A mel in `source`'s scale (log or db) re-expressed in `target`'s."""
-    if source["mel_scale"] == "db":
-        mel = db_mel_to_log_mel(mel, source["min_db"], source["max_scaled_abs"])
-    if target["mel_scale"] == "db":
-        mel = log_mel_to_db_mel(mel, target["min_db"], target["max_scaled_abs"])
-    return mel
-
-
-def load_clip(path: str | os.PathLike, settings: dict) -> np.ndarray:
-    """A recording at the Tacotron2's sample rate and level convention."""
-    return load_audio(path, settings["sampling_rate"], peak=settings["audio_peak"])
-
-
-def ground_truth_mel(audio: torch.Tensor, settings: dict) -> torch.Tensor:
-    """The mel the Tacotron2 was trained to predict for `audio` (its frames, scale and parameters)."""
-    return mel_spectrogram(audio, **mel_kwargs(settings))
+from tacotron2.text import text_to_sequence
+from utils import MelConfig, UserError
 
 
 @torch.no_grad()
@@ -114,8 +52,30 @@ def teacher_forced_mels(model: Tacotron2, tokens: list[torch.Tensor], mels: list
     return outputs
 
 
-def for_vocoder(mel: torch.Tensor, num_samples: int, settings: dict, vocoder_scale: dict) -> torch.Tensor:
+def for_vocoder(mel: torch.Tensor, num_samples: int, taco_mel: MelConfig, vocoder_mel: MelConfig) -> torch.Tensor:
     """A teacher-forced mel of a clip of `num_samples` samples as the vocoder reads it: on its scale, and
     len // hop frames (a centred STFT's extra last frame, centred on the clip's last sample, is dropped)."""
-    mel = convert_scale(mel.float(), settings, vocoder_scale)
-    return mel[:, :num_samples // settings["hop_size"]]
+    return taco_mel.convert(mel.float(), vocoder_mel)[:, :num_samples // taco_mel.hop_size]
+
+
+def teacher_forced_mel(model: Tacotron2, transcript: str, audio: np.ndarray, vocoder_mel: MelConfig) -> torch.Tensor:
+    """One clip: `audio` read the model's way (`model.mel.load`) -> its teacher-forced mel for the vocoder."""
+    tokens = torch.tensor(text_to_sequence(transcript), dtype=torch.long)
+    if not len(tokens):
+        raise UserError(f"the transcript {transcript!r} has no symbol Tacotron2 knows once cleaned")
+    mel = teacher_forced_mels(model, [tokens], [model.mel.mel(torch.from_numpy(audio))])[0]
+    return for_vocoder(mel.cpu(), len(audio), model.mel, vocoder_mel)
+
+
+def text_to_mel(model: Tacotron2, text: str, vocoder_mel: MelConfig, max_decoder_steps: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text -> (free-running post-net mel [num_mels, frames] on the vocoder's scale, alignment [frames, tokens])."""
+    tokens = text_to_sequence(text)
+    if not tokens:
+        raise UserError(f"text {text!r} has no symbols Tacotron2 can speak")
+    differences = model.mel.differences(vocoder_mel, ("num_mels", "sampling_rate", "hop_size"))
+    if differences:
+        raise UserError(f"the Tacotron2's mel and the vocoder's differ ({', '.join(differences)}): their mels are "
+                        "not interchangeable")
+    _, mel, _, alignments = model.infer(tokens, max_decoder_steps=max_decoder_steps)
+    return model.mel.convert(mel[0].float().cpu(), vocoder_mel), alignments[0].float().cpu()

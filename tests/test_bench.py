@@ -8,8 +8,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import soundfile as sf
 from conftest import HANG_TIMEOUT, REPO, synth_clip
+
+pytestmark = pytest.mark.slow
 
 TRAINING_KEYS = {"model", "batch", "segment", "path", "seconds_per_step", "steps_per_s", "samples_per_s",
                  "speedup_vs_plain", "peak_memory_gb", "first_step_s", "all_finite", "log_mel_l1_vs_plain"}

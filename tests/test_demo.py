@@ -4,8 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import soundfile as sf
 from conftest import HANG_TIMEOUT, REPO
+
+pytestmark = pytest.mark.slow
 
 
 def test_demo_trains_writes_the_clip_and_resumes(tmp_path):

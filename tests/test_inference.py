@@ -13,9 +13,11 @@ import torch
 from conftest import HANG_TIMEOUT, REPO, TINY_CONFIG, shared_path, synth_clip
 
 import inference
+import vocoding
 from model import Generator, HifiGanConfig
-from tacotron2 import Tacotron2, Tacotron2Config, save_tacotron2
-from utils import db_mel_to_log_mel, load_audio, mel_spectrogram
+from tacotron2 import Tacotron2, Tacotron2Config, load_tacotron2, save_tacotron2
+from tacotron2.teacher_forcing import text_to_mel
+from utils import MelConfig, db_mel_to_log_mel, load_audio, mel_spectrogram
 
 TINY = TINY_CONFIG
 HOP = 256
@@ -27,7 +29,7 @@ TINY_TACOTRON = dict(symbols_embedding_dim=16, encoder_embedding_dim=16, decoder
 
 @pytest.fixture(scope="module")
 def tiny_vocoder(tiny_checkpoint) -> Generator:
-    return inference.load_vocoder(tiny_checkpoint)
+    return vocoding.load_vocoder(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +110,14 @@ def test_text_to_mel_converts_a_db_tacotron(tmp_path, tiny_tacotron):
     torch.manual_seed(0)
     save_tacotron2(Tacotron2(Tacotron2Config(**TINY_TACOTRON)), tmp_path,
                    extra={"audio": {"mel_scale": "db", "min_db": -100.0, "max_scaled_abs": 4.0}})
-    log_model, db_model = inference.load_tacotron(tiny_tacotron), inference.load_tacotron(tmp_path)
-    # NVIDIA's file carries no settings: NVIDIA's own (recorded level, centred frames); ours come from config.json
-    assert log_model.audio["mel_scale"] == "log" and log_model.audio["audio_peak"] is None and log_model.audio["center"]
-    assert db_model.audio["mel_scale"] == "db"
+    log_model, db_model = load_tacotron2(tiny_tacotron), load_tacotron2(tmp_path)
+    # the mel settings travel with the checkpoint (config.json's "audio"): a model made here has the repo's defaults
+    assert log_model.mel == MelConfig()
+    assert db_model.mel.mel_scale == "db" and db_model.mel.audio_peak == 0.95 and not db_model.mel.center
     torch.manual_seed(1)  # the prenet's dropout stays on at inference
-    as_is, alignment = inference.text_to_mel(log_model, "Hello.", TINY, max_decoder_steps=6)
+    as_is, alignment = text_to_mel(log_model, "Hello.", TINY.mel, max_decoder_steps=6)
     torch.manual_seed(1)
-    converted, _ = inference.text_to_mel(db_model, "Hello.", TINY, max_decoder_steps=6)
+    converted, _ = text_to_mel(db_model, "Hello.", TINY.mel, max_decoder_steps=6)
     assert as_is.shape[0] == 80 and alignment.shape[0] == as_is.shape[1]
     torch.testing.assert_close(converted, db_mel_to_log_mel(as_is))
 
@@ -129,7 +131,7 @@ def test_official_v2_resynthesis_shared_fixture(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "V2" in result.stderr and "Traceback" not in result.stderr  # the guessed preset, said in one line
     config = HifiGanConfig.from_preset("v2")
-    reference = inference.mel_from_wav(wav, config)
+    reference = vocoding.mel_from_wav(wav, config)
     audio, rate = sf.read(str(tmp_path / "LJ001-0008.wav"), dtype="float32")
     assert rate == 22050 and len(audio) == reference.shape[1] * HOP
     # The authors' weights give about 0.33 through the official code.
@@ -139,10 +141,10 @@ def test_official_v2_resynthesis_shared_fixture(tmp_path):
 # --------------------------------------------------------------------------------------------- vocoding
 
 def test_chunked_equals_whole_away_from_joins(tiny_vocoder, clip_mel):
-    whole = inference.vocode(tiny_vocoder, clip_mel)
+    whole = vocoding.vocode(tiny_vocoder, clip_mel)
     assert whole.dtype == torch.float32 and whole.shape == (clip_mel.shape[1] * HOP,)
     assert not whole.is_inference()  # callers may scale it in place
-    chunked = inference.vocode(tiny_vocoder, clip_mel, max_chunk_frames=64, overlap_frames=16)
+    chunked = vocoding.vocode(tiny_vocoder, clip_mel, max_chunk_frames=64, overlap_frames=16)
     assert chunked.shape == whole.shape
     assert (chunked - whole).abs().max() < 1e-4  # 16 frames of context cover the receptive field
 
@@ -152,19 +154,19 @@ def test_chunked_equals_whole_away_from_joins(tiny_vocoder, clip_mel):
 
     whole_jump = whole.diff().abs().max().item()
     # Little context: the chunks differ from the whole a little, and the crossfade keeps the joins smooth.
-    short_context = inference.vocode(tiny_vocoder, clip_mel, max_chunk_frames=64, overlap_frames=4)
+    short_context = vocoding.vocode(tiny_vocoder, clip_mel, max_chunk_frames=64, overlap_frames=4)
     assert 0 < (short_context - whole).abs().max() < 0.01
     assert max_jump_near_joins(short_context) <= 1.05 * whole_jump
     # The check sees a click when there is one: no context and no crossfade.
-    hard_cut = inference.vocode(tiny_vocoder, clip_mel, max_chunk_frames=64, overlap_frames=0)
+    hard_cut = vocoding.vocode(tiny_vocoder, clip_mel, max_chunk_frames=64, overlap_frames=0)
     assert max_jump_near_joins(hard_cut) > 1.05 * whole_jump
 
 
 def test_vocode_batch_matches_one_by_one(tiny_vocoder, clip_mel):
     mels = [clip_mel[:, :50], clip_mel, clip_mel[:, 7:130]]
-    outputs = inference.vocode_batch(tiny_vocoder, mels, max_chunk_frames=200, batch_size=2)
+    outputs = vocoding.vocode_batch(tiny_vocoder, mels, max_chunk_frames=200, batch_size=2)
     for mel, audio in zip(mels, outputs):
-        alone = inference.vocode(tiny_vocoder, mel, max_chunk_frames=200)
+        alone = vocoding.vocode(tiny_vocoder, mel, max_chunk_frames=200)
         assert audio.shape == alone.shape == (mel.shape[1] * HOP,) and not audio.is_inference()
         # Padding with silence changes only the last few frames (the receptive field is ±4 frames).
         keep = (mel.shape[1] - 8) * HOP
@@ -172,11 +174,11 @@ def test_vocode_batch_matches_one_by_one(tiny_vocoder, clip_mel):
 
 
 def test_bfloat16_on_cpu_is_close_to_float32(tiny_checkpoint, tiny_vocoder, clip_mel):
-    bf16 = inference.load_vocoder(tiny_checkpoint, dtype=torch.bfloat16)
+    bf16 = vocoding.load_vocoder(tiny_checkpoint, dtype=torch.bfloat16)
     assert next(bf16.parameters()).dtype == torch.bfloat16
-    audio = inference.vocode(bf16, clip_mel)
+    audio = vocoding.vocode(bf16, clip_mel)
     assert audio.dtype == torch.float32
-    reference = mel_spectrogram(inference.vocode(tiny_vocoder, clip_mel), **TINY.mel_kwargs())
+    reference = mel_spectrogram(vocoding.vocode(tiny_vocoder, clip_mel), **TINY.mel_kwargs())
     assert mel_l1(audio, reference) < 0.1
 
 
@@ -202,7 +204,7 @@ def test_griffin_lim_baseline(tmp_path, tiny_corpus, capsys):
     code, out, _ = run_cli("--vocoder", "griffin_lim", "--input", wav, "--griffin_lim_iters", "16",
                            "--output_dir", tmp_path, capsys=capsys)
     assert code == 0 and "real time" in out
-    reference = inference.mel_from_wav(wav, TINY)
+    reference = vocoding.mel_from_wav(wav, TINY)
     audio = torch.from_numpy(sf.read(str(tmp_path / "train_001.wav"), dtype="float32")[0])
     assert len(audio) == reference.shape[1] * HOP
     noise = torch.randn(len(audio), generator=torch.Generator().manual_seed(0)) * audio.std()

@@ -115,6 +115,7 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
             "wav": str(folder / "corpus" / "wavs" / "test_000.wav")}
 
 
+@pytest.mark.slow
 def test_text_to_speech_three_vocoders_and_table(tmp_path, kernel_dirs, checkpoints):
     notebook = execute(kernel_dirs, VOCODER_CHECKPOINT=checkpoints["hifigan"],
                        FINETUNED_CHECKPOINT=checkpoints["finetuned"], TACO_WEIGHTS=checkpoints["tacotron2"],
@@ -123,7 +124,7 @@ def test_text_to_speech_three_vocoders_and_table(tmp_path, kernel_dirs, checkpoi
     assert outputs(notebook, "error") == []
 
     # Tacotron2's mel and alignment: one figure from the cell that runs Tacotron2.
-    mel_cell = cell_with(notebook, "text_to_mel")
+    mel_cell = cell_with(notebook, "text_to_mel(tacotron")
     assert any("image/png" in output.get("data", {}) for output in mel_cell.outputs)
     assert not any("copy-synthesis" in text for text in outputs(notebook, "stream"))
 
@@ -142,6 +143,7 @@ def test_text_to_speech_three_vocoders_and_table(tmp_path, kernel_dirs, checkpoi
     assert "2 clips" in table
 
 
+@pytest.mark.slow
 def test_copy_synthesis_without_tacotron2_or_finetuned(tmp_path, kernel_dirs, checkpoints):
     notebook = execute(kernel_dirs, VOCODER_CHECKPOINT=checkpoints["hifigan"], FINETUNED_CHECKPOINT=None,
                        TACO_WEIGHTS=None, REFERENCE_WAV=checkpoints["wav"], EVAL_MANIFEST=checkpoints["manifest"],
@@ -156,6 +158,7 @@ def test_copy_synthesis_without_tacotron2_or_finetuned(tmp_path, kernel_dirs, ch
     assert "| Griffin-Lim |" in table and "| HiFi-GAN |" in table and "HiFi-GAN+FT" not in table
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_says_to_run_the_demo(tmp_path, kernel_dirs):
     with pytest.raises(nbclient.exceptions.CellExecutionError) as error:
         execute(kernel_dirs, VOCODER_CHECKPOINT=str(tmp_path / "no_such_run"), OUTPUT_DIR=str(tmp_path))

@@ -1,4 +1,4 @@
-"""ONNX export (inference.export_onnx, --export_onnx): onnxruntime matches PyTorch at any batch and length."""
+"""ONNX export (vocoding.export_onnx, --export_onnx): onnxruntime matches PyTorch at any batch and length."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from conftest import HANG_TIMEOUT, REPO, TINY_CONFIG, shared_path
 
 import inference
+import vocoding
 from model import Generator, load_generator, save_generator
 from utils import UserError
 
@@ -26,7 +27,7 @@ def tiny_generator() -> Generator:
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tiny_generator, tmp_path_factory) -> Path:
-    return inference.export_onnx(tiny_generator, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+    return vocoding.export_onnx(tiny_generator, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
 
 
 def random_mel(batch: int, frames: int, seed: int = 0) -> torch.Tensor:
@@ -37,32 +38,33 @@ def random_mel(batch: int, frames: int, seed: int = 0) -> torch.Tensor:
 def test_round_trip_dynamic_batch_and_frames(tiny_generator, tiny_onnx):
     assert tiny_onnx.is_file() and not tiny_onnx.with_name(tiny_onnx.name + ".tmp").exists()
     assert any("parametrizations" in key for key in tiny_generator.state_dict())  # the original is left unfolded
-    session = inference.onnx_session(tiny_onnx, threads=1)
+    session = vocoding.onnx_session(tiny_onnx, threads=1)
     # Batch 2 at two lengths, neither of them the exported example's (2 x 32 frames), then batch 1 unbatched.
     for batch, frames in ((2, 23), (2, 70), (1, 9)):
         mel = random_mel(batch, frames, seed=frames)
         with torch.no_grad():
             expected = tiny_generator(mel)[:, 0]
-        audio = inference.vocode_onnx(session, mel)
+        audio = vocoding.vocode_onnx(session, mel)
         assert audio.shape == (batch, frames * 256) and audio.dtype == torch.float32
         assert (audio - expected).abs().max().item() <= 1e-4
-    # The unbatched form behaves like inference.vocode.
+    # The unbatched form behaves like vocoding.vocode.
     mel = random_mel(1, 40)[0]
-    expected = inference.vocode(tiny_generator, mel)
-    assert (inference.vocode_onnx(session, mel) - expected).abs().max().item() <= 1e-4
+    expected = vocoding.vocode(tiny_generator, mel)
+    assert (vocoding.vocode_onnx(session, mel) - expected).abs().max().item() <= 1e-4
 
 
 def test_export_of_a_folded_generator(tiny_generator, tmp_path):
     folded = Generator(TINY_CONFIG)
     folded.load_state_dict(tiny_generator.state_dict())
     folded.remove_weight_norm().eval()
-    session = inference.onnx_session(inference.export_onnx(folded, tmp_path / "folded.onnx"))
+    session = vocoding.onnx_session(vocoding.export_onnx(folded, tmp_path / "folded.onnx"))
     mel = random_mel(1, 30)
     with torch.no_grad():
         expected = folded(mel)[:, 0]
-    assert (inference.vocode_onnx(session, mel) - expected).abs().max().item() <= 1e-4
+    assert (vocoding.vocode_onnx(session, mel) - expected).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 def test_cli_export(tmp_path, tiny_generator):
     checkpoint = tmp_path / "tiny_generator"
     save_generator(tiny_generator, checkpoint)
@@ -73,16 +75,16 @@ def test_cli_export(tmp_path, tiny_generator):
     assert str(output) in result.stdout and "max abs difference" in result.stdout
     assert float(result.stdout.rsplit(":", 1)[1]) <= 1e-4
     assert "Traceback" not in result.stderr and "torchvision" not in result.stderr
-    inference.onnx_session(output)  # a generator model
+    vocoding.onnx_session(output)  # a generator model
 
 
 def test_not_an_onnx_generator(tmp_path, tiny_onnx):
     not_onnx = tmp_path / "generator.onnx"
     not_onnx.write_text("this is not a protobuf")
     with pytest.raises(UserError, match=r"generator\.onnx is not a readable ONNX model"):
-        inference.onnx_session(not_onnx)
+        vocoding.onnx_session(not_onnx)
     with pytest.raises(UserError, match=r"missing\.onnx does not exist"):
-        inference.onnx_session(tmp_path / "missing.onnx")
+        vocoding.onnx_session(tmp_path / "missing.onnx")
     import onnx
     from onnx import TensorProto, helper
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
@@ -90,12 +92,12 @@ def test_not_an_onnx_generator(tmp_path, tiny_onnx):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     onnx.save(helper.make_model(graph), tmp_path / "relu.onnx")
     with pytest.raises(UserError, match=r"relu\.onnx is an ONNX model but not a HiFi-GAN generator"):
-        inference.onnx_session(tmp_path / "relu.onnx")
+        vocoding.onnx_session(tmp_path / "relu.onnx")
     code = inference.main(["--export_onnx", str(tmp_path / "x.onnx")])  # no --checkpoint: one line, exit 1
     assert code == 1
-    session = inference.onnx_session(tiny_onnx)
+    session = vocoding.onnx_session(tiny_onnx)
     with pytest.raises(UserError, match="num_mels=80"):
-        inference.vocode_onnx(session, torch.zeros(40, 10))
+        vocoding.vocode_onnx(session, torch.zeros(40, 10))
 
 
 def test_cli_export_rejects_vocoding_flags(tmp_path, capsys):
@@ -104,12 +106,13 @@ def test_cli_export_rejects_vocoding_flags(tmp_path, capsys):
     assert exit_info.value.code == 2 and "--export_onnx exports and exits" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_official_v2_export(tmp_path):
     """The authors' LJSpeech V2 generator: onnxruntime within 1e-4 of PyTorch on a 50-frame mel."""
     with pytest.warns(UserWarning, match="V2"):
         generator = load_generator(shared_path("fixtures", "generator_v2"))
-    session = inference.onnx_session(inference.export_onnx(generator, tmp_path / "v2.onnx"))
+    session = vocoding.onnx_session(vocoding.export_onnx(generator, tmp_path / "v2.onnx"))
     mel = random_mel(1, 50)
     with torch.no_grad():
         expected = generator(mel)[:, 0]
-    assert (inference.vocode_onnx(session, mel) - expected).abs().max().item() <= 1e-4
+    assert (vocoding.vocode_onnx(session, mel) - expected).abs().max().item() <= 1e-4

@@ -73,6 +73,7 @@ def bad_corpus(tmp_path_factory):
     return train, test
 
 
+@pytest.mark.slow
 def test_bad_rows_reported_together_at_startup(tmp_path, bad_corpus):
     result = run(train_command(tmp_path, bad_corpus, "--max_steps", "1"), expect=1)
     first_line = result.stderr.strip().splitlines()[0]
@@ -83,6 +84,7 @@ def test_bad_rows_reported_together_at_startup(tmp_path, bad_corpus):
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_skip_bad_files_trains_and_nan_or_silent_audio_gives_finite_losses(tmp_path, bad_corpus):
     # batch of 2 over 8 kept clips (6 good + nan + silent) for 8 steps: every clip is seen
     result = run(train_command(tmp_path, bad_corpus, "--max_steps", "8", "--skip_bad_files"))
@@ -114,7 +116,7 @@ def test_nonfinite_steps_under_an_fp16_grad_scaler_leave_weights_and_lower_the_s
     import accelerate
     from accelerate.state import AcceleratorState, GradientState
 
-    import train
+    import model
     from model import Generator, MultiPeriodDiscriminator, MultiScaleDiscriminator
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -129,9 +131,9 @@ def test_nonfinite_steps_under_an_fp16_grad_scaler_leave_weights_and_lower_the_s
     before = {k: v.clone() for k, v in generator.state_dict().items()}
     audio = torch.from_numpy(synth_clip(2048 / 22050)).unsqueeze(0)
     mel = mel_spectrogram(audio, **TINY_CONFIG.mel_kwargs())
-    monkeypatch.setattr(train, "mel_loss", lambda a, b: (a - b).abs().mean() * float("nan"))  # NaN gradients
+    monkeypatch.setattr(model, "mel_loss", lambda a, b: (a - b).abs().mean() * float("nan"))  # NaN gradients
     for _ in range(2):  # twice: the second step must not find the scaler stale
-        result = train.train_step(accelerator, generator, mpd, msd, optim_g, optim_d, mel, audio, mel,
+        result = model.train_step(accelerator, generator, mpd, msd, optim_g, optim_d, mel, audio, mel,
                                   TINY_CONFIG.mel_kwargs(for_loss=True))
         assert not result["generator_stepped"]
     changed = [k for k, v in generator.state_dict().items() if not torch.equal(before[k], v)]
@@ -165,12 +167,13 @@ def test_ten_minute_validation_clip_is_validated_in_bounded_chunks(tmp_path):
 
 # ------------------------------------------------------------------------------------ training faults
 
+@pytest.mark.slow
 def test_nonfinite_loss_skips_the_step_and_too_many_stop_the_run(tmp_path, tiny_corpus):
     # Steps 2 and 3 get a NaN mel loss: skipped (weights untouched), counted; the run goes on.
-    script = wrapper(tmp_path, "calls = [0]\noriginal = train.mel_loss\n"
+    script = wrapper(tmp_path, "import model\ncalls = [0]\noriginal = model.mel_loss\n"
                      "def poisoned(a, b):\n    calls[0] += 1\n"
                      "    return original(a, b) * (float('nan') if calls[0] in (2, 3) else 1.0)\n"
-                     "train.mel_loss = poisoned\n")
+                     "model.mel_loss = poisoned\n")
     result = run(train_command(tmp_path, tiny_corpus, "--max_steps", "4", "--checkpoint_steps", "1",
                                "--keep_last_checkpoints", "10", script=script))
     output = result.stdout + result.stderr
@@ -184,7 +187,7 @@ def test_nonfinite_loss_skips_the_step_and_too_many_stop_the_run(tmp_path, tiny_
     assert all(torch.isfinite(v).all() for v in after_4.values())
 
     # Always NaN: stop after --max_nonfinite_steps in a row, with the state saved and advice given.
-    script = wrapper(tmp_path, "train.mel_loss = lambda a, b: (a - b).abs().mean() * float('nan')\n")
+    script = wrapper(tmp_path, "import model\nmodel.mel_loss = lambda a, b: (a - b).abs().mean() * float('nan')\n")
     result = run(train_command(tmp_path, tiny_corpus, "--max_steps", "50", "--max_nonfinite_steps", "3",
                                name="nan", script=script), expect=1)
     assert "3 steps in a row had a non-finite loss" in result.stderr and "--learning_rate" in result.stderr
@@ -200,6 +203,7 @@ def wait_for(predicate, process: subprocess.Popen, log: Path, timeout: float = H
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_sigterm_under_two_process_accelerate_launch_saves_and_resumes(tmp_path, tiny_corpus):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
@@ -222,6 +226,7 @@ def test_sigterm_under_two_process_accelerate_launch_saves_and_resumes(tmp_path,
     assert (tmp_path / "run" / f"checkpoint_{stopped + 2}" / "checkpoint_complete").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_finishes_the_step_saves_and_exits_cleanly(tmp_path, tiny_corpus):
     log = open(tmp_path / "log.txt", "w")
     process = subprocess.Popen(train_command(tmp_path, tiny_corpus, "--max_steps", "100000"), stdout=log,
@@ -235,6 +240,7 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_cleanly(tmp_path, tiny_corpus)
     assert (tmp_path / "run" / f"checkpoint_{stopped}" / "checkpoint_complete").exists()
 
 
+@pytest.mark.slow
 def test_kill_9_while_writing_a_checkpoint_keeps_the_last_complete_one(tmp_path, tiny_corpus):
     # SIGKILL ourselves in the middle of the second checkpoint: after accelerate wrote its files into the
     # temporary folder, before the generator export, marker and rename.
@@ -257,6 +263,7 @@ def test_kill_9_while_writing_a_checkpoint_keeps_the_last_complete_one(tmp_path,
     assert "at step 5," in resumed.stdout
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses_and_again_across_a_resume(tmp_path, tiny_corpus):
     # Run a: 20 steps straight. Run b: the same seed and data, stopped at 10 and resumed to 20.
     # Its 20 console loss lines must equal a's: identical across runs, and across the resume.
@@ -288,6 +295,7 @@ def test_malicious_pickle_is_refused_without_running_it(tmp_path, monkeypatch):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_persistent_workers_see_each_epoch_and_match_the_main_process(tmp_path, tiny_corpus):
     # 4 steps per epoch: 10 steps span 3 epochs. Persistent workers keep their own dataset copy; the
     # epoch reaches them through shared memory, so the crops (hence losses) equal the worker-less run's.
@@ -301,17 +309,17 @@ def test_persistent_workers_see_each_epoch_and_match_the_main_process(tmp_path, 
 
 
 def test_latest_skips_checkpoint_folders_without_their_completion_marker(tmp_path, capsys):
-    import train
+    import training
     for step, complete in ((3, True), (5, False)):
         (tmp_path / f"checkpoint_{step}").mkdir()
         if complete:
-            (tmp_path / f"checkpoint_{step}" / train.COMPLETE_MARKER).write_text("3")
+            (tmp_path / f"checkpoint_{step}" / training.COMPLETE_MARKER).write_text("3")
     (tmp_path / ".tmp_checkpoint_6").mkdir()
-    assert train.find_resume_checkpoint("latest", tmp_path) == tmp_path / "checkpoint_3"
+    assert training.find_resume_checkpoint("latest", tmp_path) == tmp_path / "checkpoint_3"
     said = capsys.readouterr().out
     assert f"ignoring {tmp_path / 'checkpoint_5'}: it has no" in said and ".tmp_checkpoint_6" in said
     with pytest.raises(UserError, match="not a complete checkpoint folder"):
-        train.find_resume_checkpoint(str(tmp_path / "checkpoint_5"), tmp_path)
+        training.find_resume_checkpoint(str(tmp_path / "checkpoint_5"), tmp_path)
 
 
 # ------------------------------------------------------------------------------------ spreadsheet manifests
@@ -337,7 +345,7 @@ def test_manifests_saved_by_a_spreadsheet_with_bom_and_crlf_are_read(tmp_path):
 # ------------------------------------------------------------------------------------ full disk
 
 def full_disk_error(kind: str) -> Exception:
-    """What the writers raise on ENOSPC (see train._WRITE_FAILURE_MARKERS): Python, safetensors, torch.save."""
+    """What the writers raise on ENOSPC (see training._WRITE_FAILURE_MARKERS): Python, safetensors, torch.save."""
     import errno
 
     from safetensors import SafetensorError
@@ -388,12 +396,12 @@ def export_stub(folder: Path) -> None:
 @pytest.mark.parametrize("kind", ["oserror", "safetensors", "torch"])
 def test_full_disk_while_saving_removes_the_partial_folder_and_says_so_in_one_line(tmp_path, tiny_accelerator,
                                                                                    monkeypatch, kind):
-    import train
+    import training
     run_dir = tmp_path / "run"
     (run_dir / ".tmp_checkpoint_1").mkdir(parents=True)  # a killed run's leftover
     (run_dir / ".tmp_checkpoint_1" / "junk.bin").write_bytes(b"x" * 100)
-    good = train.save_checkpoint(tiny_accelerator, run_dir, train.TrainState(step=2), 3, export_stub)
-    assert (good / train.COMPLETE_MARKER).exists() and not (run_dir / ".tmp_checkpoint_1").exists()
+    good = training.save_checkpoint(tiny_accelerator, run_dir, training.TrainState(step=2), 3, export_stub)
+    assert (good / training.COMPLETE_MARKER).exists() and not (run_dir / ".tmp_checkpoint_1").exists()
     before = folder_contents(good)
 
     real_save = torch.save
@@ -404,7 +412,7 @@ def test_full_disk_while_saving_removes_the_partial_folder_and_says_so_in_one_li
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(UserError) as caught:
-        train.save_checkpoint(tiny_accelerator, run_dir, train.TrainState(step=4), 3, export_stub)
+        training.save_checkpoint(tiny_accelerator, run_dir, training.TrainState(step=4), 3, export_stub)
     message = str(caught.value)
     assert "\n" not in message and str(run_dir / ".tmp_checkpoint_4") in message
     assert ("torch.save failed: unexpected pos 704 vs 598 (basic_ios::clear: iostream error)" if kind == "torch" else
@@ -418,7 +426,7 @@ def test_full_disk_while_saving_removes_the_partial_folder_and_says_so_in_one_li
 
     # No complete checkpoint yet: the size is what was written before the failure, and it says there is none.
     with pytest.raises(UserError) as caught:
-        train.save_checkpoint(tiny_accelerator, tmp_path / "fresh", train.TrainState(step=2), 3, export_stub)
+        training.save_checkpoint(tiny_accelerator, tmp_path / "fresh", training.TrainState(step=2), 3, export_stub)
     message = str(caught.value)
     written = (good / "model.safetensors").stat().st_size + 4096
     assert abs(stated_bytes(message, "needs about ") - written) <= 0.06 * written and "or more" in message
@@ -433,13 +441,13 @@ def test_what_the_real_writers_raise_when_a_write_fails_is_caught(tmp_path, tiny
     # (262 kB) under 100 kB, optimizer.bin (525 kB, torch.save) under 400 kB. No patching.
     import resource
 
-    import train
+    import training
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills us instead of failing write()
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
     try:
         with pytest.raises(UserError) as caught:
-            train.save_checkpoint(tiny_accelerator, tmp_path, train.TrainState(step=2), 3, export_stub)
+            training.save_checkpoint(tiny_accelerator, tmp_path, training.TrainState(step=2), 3, export_stub)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, handler)
@@ -449,10 +457,10 @@ def test_what_the_real_writers_raise_when_a_write_fails_is_caught(tmp_path, tiny
 
 
 def test_resuming_removes_a_killed_runs_partial_checkpoints(tmp_path, capsys):
-    import train
+    import training
     (tmp_path / ".tmp_checkpoint_6").mkdir()
     (tmp_path / ".tmp_checkpoint_6" / "optimizer.bin").write_bytes(b"x" * 1000)
-    assert train.find_resume_checkpoint("latest", tmp_path) is None
+    assert training.find_resume_checkpoint("latest", tmp_path) is None
     assert not (tmp_path / ".tmp_checkpoint_6").exists()
     assert "ignoring incomplete checkpoint" in capsys.readouterr().out
 
@@ -469,6 +477,7 @@ torch.save = full_disk
 """
 
 
+@pytest.mark.slow
 def test_full_disk_at_a_checkpoint_stops_with_one_line_and_resumes_after(tmp_path, tiny_corpus):
     script = wrapper(tmp_path, FULL_DISK_AT_STEP_4.format(file="optimizer.bin"))
     result = run(train_command(tmp_path, tiny_corpus, "--max_steps", "6", "--checkpoint_steps", "2",
@@ -490,6 +499,7 @@ def test_full_disk_at_a_checkpoint_stops_with_one_line_and_resumes_after(tmp_pat
     assert (run_dir / "checkpoint_6" / "checkpoint_complete").exists() and (run_dir / "generator.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_full_disk_on_another_rank_stops_both_ranks_without_a_hang(tmp_path, tiny_corpus):
     # Rank 1 fails to write only its own RNG file: the main process must learn it (collective), not rename an
     # incomplete checkpoint, and both ranks must exit instead of one waiting in a barrier.

@@ -104,6 +104,7 @@ def test_writes_teacher_forced_mels_aligned_with_their_audio_skips_them_on_rerun
     assert all(after[name][2] == written[name][2] for name in written if name != "clips_002.npy")
 
 
+@pytest.mark.slow
 def test_failed_rows_are_named_and_counted_while_the_rest_are_written_on_two_processes(tmp_path):
     manifest = write_corpus(tmp_path, 4, seconds=0.3, name="clips")
     lines = manifest.read_text().splitlines()
@@ -162,7 +163,7 @@ def test_nvidia_checkpoint_shared_fixture(tmp_path, capsys):
         pytest.skip(f"{weights} is absent (../shared exists only in the developers' and CI's checkouts)")
     manifest = write_corpus(tmp_path, 2, seconds=0.4, name="clips")
     assert run("--path_to_manifest", manifest, "--path_to_save", tmp_path / "mels", "--taco_weights", weights) == 0
-    # NVIDIA's file holds no mel parameters: DESIGN.md §1's defaults (hop 256, 80 mels, natural log) apply.
+    # NVIDIA's file holds no mel parameters: docs/design.md §1's defaults (hop 256, 80 mels, natural log) apply.
     assert "80 mels, hop 256, Tacotron2 mel log, written log" in capsys.readouterr().out
     for row in read_manifest(manifest):
         mel = np.load(tmp_path / "mels" / f"{Path(row.audio_path).stem}.npy")

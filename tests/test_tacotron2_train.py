@@ -1,4 +1,4 @@
-"""tacotron2/train.py: data and losses, overfitting two utterances, a real accelerate launch, resume, start weights."""
+"""train_tacotron2.py: data and losses, overfitting two utterances, a real accelerate launch, resume, start weights."""
 
 from __future__ import annotations
 
@@ -17,15 +17,8 @@ from conftest import HANG_TIMEOUT, REPO, write_corpus
 from safetensors.torch import load_file
 
 from tacotron2 import load_tacotron2
-from tacotron2.train import (
-    TextMelDataset,
-    audio_config,
-    build_config,
-    collate,
-    init_weights,
-    parse_args,
-    tacotron2_loss,
-)
+from tacotron2.data import TextMelDataset, collate, tacotron2_loss
+from train_tacotron2 import build_config, init_weights, mel_config, parse_args
 from utils import UserError
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
@@ -104,14 +97,14 @@ def test_losses_average_over_real_frames_only():
 def test_dataset_targets_are_the_repo_mel_of_each_wav(tmp_path):
     manifest = write_corpus(tmp_path, 2, seconds=0.3, name="two")
     args = parse_args(flags(manifest, manifest))
-    dataset = TextMelDataset(manifest, audio_config(args))
+    dataset = TextMelDataset(manifest, mel_config(args))
     tokens, mel = dataset[1]
     assert tokens.dtype == torch.long and len(tokens) == len("clip number one")  # numbers are spelled out
     samples = sf.info(str(tmp_path / "wavs" / "two_001.wav")).frames
     assert mel.shape == (80, samples // 256)
     # natural-log mel by default, the dB scale on request, and the two agree through the repo's converter
     from utils import db_mel_to_log_mel
-    db = TextMelDataset(manifest, audio_config(parse_args(flags(manifest, manifest, "--mel_scale", "db"))))[1][1]
+    db = TextMelDataset(manifest, mel_config(parse_args(flags(manifest, manifest, "--mel_scale", "db"))))[1][1]
     # floored at -4 (min_db) but not clipped at the top: 0.95-peak speech goes above 0 dB (+4 on this scale)
     assert db.min() >= -4.0 and db.max() > 4.0 and mel.min() < -4.0
     inside = db > -3.99
@@ -133,9 +126,10 @@ def corpus_with_bad_rows(folder: Path, *bad: str, good: int = 3) -> Path:
     return manifest
 
 
+@pytest.mark.slow
 def test_a_bad_row_stops_the_script_at_startup_with_one_line(tmp_path):
     manifest = corpus_with_bad_rows(tmp_path, "corrupt")  # line 5
-    command = [sys.executable, str(REPO / "tacotron2" / "train.py"), *flags(manifest, manifest)]
+    command = [sys.executable, str(REPO / "train_tacotron2.py"), *flags(manifest, manifest)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=HANG_TIMEOUT)
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.startswith(f"error: {manifest}, line 5: ") and "corrupt.wav: unreadable" in result.stderr
@@ -145,7 +139,7 @@ def test_a_bad_row_stops_the_script_at_startup_with_one_line(tmp_path):
 
 
 def test_all_bad_rows_are_reported_together_or_dropped_and_counted(tmp_path):
-    audio = audio_config(parse_args(flags(Path("a"), Path("b"))))
+    audio = mel_config(parse_args(flags(Path("a"), Path("b"))))
     kinds = ("corrupt", "missing", "short", "untranscribed", "unspeakable")
     manifest = corpus_with_bad_rows(tmp_path, *kinds)  # lines 5 to 9
     with pytest.raises(UserError) as excinfo:
@@ -175,6 +169,7 @@ def test_all_bad_rows_are_reported_together_or_dropped_and_counted(tmp_path):
 # Learning
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_tiny_tacotron2_overfits_two_utterances_and_then_stops_by_itself(tmp_path, one_thread):
     torch.manual_seed(0)
     manifest = write_corpus(tmp_path, 2, seconds=0.3, name="two")
@@ -182,7 +177,7 @@ def test_tiny_tacotron2_overfits_two_utterances_and_then_stops_by_itself(tmp_pat
     args = parse_args(flags(manifest, manifest, "--hop_size", "512", "--n_fft", "2048", "--window_size", "2048"))
     from tacotron2 import Tacotron2
     model = Tacotron2(build_config(args))
-    text, text_lengths, mel, gate, output_lengths = collate(list(TextMelDataset(manifest, audio_config(args))))
+    text, text_lengths, mel, gate, output_lengths = collate(list(TextMelDataset(manifest, mel_config(args))))
     assert output_lengths.tolist() == [12, 15]
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, eps=args.adam_eps, weight_decay=args.weight_decay)
     # The best prediction that ignores time: each mel channel's mean over the clip.
@@ -224,7 +219,7 @@ def test_tiny_tacotron2_overfits_two_utterances_and_then_stops_by_itself(tmp_pat
 def run_script(tmp_path: Path, corpus: tuple[Path, Path], *extra: str, name: str, launcher: str,
                wandb_offline: bool = False) -> str:
     train_manifest, val_manifest = corpus
-    script = [str(REPO / "tacotron2" / "train.py"), "--experiment_name", name, "--working_directory", str(tmp_path),
+    script = [str(REPO / "train_tacotron2.py"), "--experiment_name", name, "--working_directory", str(tmp_path),
               "--path_to_train_manifest", str(train_manifest), "--path_to_val_manifest", str(val_manifest),
               "--batch_size", "2", "--num_workers", "0", "--console_out_iters", "1", "--max_decoder_steps", "40",
               *TINY_FLAGS, *extra]
@@ -243,6 +238,7 @@ def run_script(tmp_path: Path, corpus: tuple[Path, Path], *extra: str, name: str
     return result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_accelerate_launch_writes_checkpoints_and_a_resumed_run_continues_exactly(tmp_path, tiny_corpus):
     # 8 clips at batch 2: 4 steps an epoch. Checkpoints at 3 (mid-epoch) and 6; validation media at step 3.
     output = run_script(tmp_path, tiny_corpus, "--max_steps", "6", "--checkpoint_steps", "3",
@@ -291,11 +287,12 @@ def test_accelerate_launch_writes_checkpoints_and_a_resumed_run_continues_exactl
         assert torch.allclose(value, resumed[key], atol=1e-6), f"{key}: the resumed run diverged"
 
 
+@pytest.mark.slow
 def test_two_processes_skip_bad_files_train_and_print_each_line_once(tmp_path):
     manifest = corpus_with_bad_rows(tmp_path, "corrupt", good=4)  # 4 clips: one batch of 2 on each process
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--num_cpu_threads_per_process", "1", str(REPO / "tacotron2" / "train.py"), "--experiment_name", "run",
+               "--num_cpu_threads_per_process", "1", str(REPO / "train_tacotron2.py"), "--experiment_name", "run",
                "--working_directory", str(tmp_path), "--path_to_train_manifest", str(manifest),
                "--path_to_val_manifest", str(manifest), "--batch_size", "2", "--num_workers", "0",
                "--console_out_iters", "1", "--max_steps", "2", "--max_decoder_steps", "20", "--skip_bad_files",
@@ -314,12 +311,13 @@ def test_two_processes_skip_bad_files_train_and_print_each_line_once(tmp_path):
     assert (tmp_path / "run" / "checkpoint_2" / "checkpoint_complete").exists()
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_path, tiny_corpus):
     assert parse_args(flags(Path("a"), Path("b"))).max_nonfinite_steps == 20
     # The loss is NaN from the second step on: steps 2-4 leave the weights alone, and the third in a row stops the
     # run with the state saved. The fault is injected from outside the code under test.
     script = tmp_path / "poisoned_train.py"
-    script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport tacotron2.train as train\n"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport train_tacotron2 as train\n"
                       "from utils import run_cli\noriginal, calls = train.tacotron2_loss, [0]\n"
                       "def poisoned(*args):\n    calls[0] += 1\n    losses = original(*args)\n"
                       "    return (losses[0] * float('nan'), *losses[1:]) if calls[0] >= 2 else losses\n"

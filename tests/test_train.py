@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -54,6 +55,7 @@ def script_stderr(stderr: str) -> str:
     return own
 
 
+@pytest.mark.slow
 def test_script_stderr_is_exactly_what_the_script_printed(tmp_path):
     # Real launches, so that a change in what accelerate appends shows here: a clean error keeps its one line,
     # a script's own traceback is kept whole.
@@ -76,6 +78,7 @@ def test_script_stderr_is_exactly_what_the_script_printed(tmp_path):
             assert own.endswith("RuntimeError: boom\n") and "accelerate" not in own, result.stderr
 
 
+@pytest.mark.slow
 def test_two_process_ddp_keeps_generators_identical(tmp_path, tiny_corpus):
     # A wrapper that trains, then dumps this rank's generator: the check must not trust train.py's own saving.
     wrapper = tmp_path / "train_and_dump.py"
@@ -94,6 +97,7 @@ def test_two_process_ddp_keeps_generators_identical(tmp_path, tiny_corpus):
     assert exported["conv_post.bias"].abs().item() > 0
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, tiny_corpus):
     # 4 steps per epoch (8 clips, batch 2): stop at 6 (mid-epoch) and resume to 10, vs 10 straight.
     run_train(tmp_path, tiny_corpus, "--max_steps", "10", name="straight")
@@ -125,6 +129,7 @@ def test_resume_continues_exactly(tmp_path, tiny_corpus):
     assert "size mismatch for" in message and "trained with upsample_initial_channel 16 (now 8)). Resume" in message
 
 
+@pytest.mark.slow
 def test_wandb_offline_logs_scalars_audio_and_mel_images(tmp_path, tiny_corpus):
     env = {"WANDB_MODE": "", "WANDB_API_KEY": "", "HOME": str(tmp_path), "WANDB_DIR": ""}
     env = {k: v for k, v in env.items() if v}  # unset WANDB_MODE: train.py must pick offline by itself
@@ -156,6 +161,7 @@ def test_wandb_offline_logs_scalars_audio_and_mel_images(tmp_path, tiny_corpus):
     assert len(runs) == 2 and len({run.name.rsplit("-", 1)[1] for run in runs}) == 1, runs
 
 
+@pytest.mark.slow
 def test_tensorboard_logs_scalars_audio_and_mel_images(tmp_path, tiny_corpus):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run_train(tmp_path, tiny_corpus, "--max_steps", "2", "--report_to", "tensorboard", "--wandb_log_iters", "1",
@@ -168,6 +174,7 @@ def test_tensorboard_logs_scalars_audio_and_mel_images(tmp_path, tiny_corpus):
     assert "val/audio_0" in tags["audio"] and "val/mel_0" in tags["images"]
 
 
+@pytest.mark.slow
 def test_bad_flags_and_fake_multiprocess_launch_fail_with_one_line(tmp_path, tiny_corpus):
     train_manifest, test_manifest = tiny_corpus
     base = [sys.executable, str(REPO / "train.py"), "--experiment_name", "x", "--working_directory", str(tmp_path),
@@ -187,14 +194,48 @@ def test_bad_flags_and_fake_multiprocess_launch_fail_with_one_line(tmp_path, tin
 @pytest.mark.parametrize("text", ["((1,3,5),(1,3,5))", "[[1,2],[2,6]]"])
 def test_dilation_flag_parses_without_eval(text):
     sys.path.insert(0, str(REPO))
-    import train
-    assert train.nested_int_tuple(text)[1][1] in (3, 6)
+    import utils
+    assert utils.nested_int_tuple(text)[1][1] in (3, 6)
     with pytest.raises(Exception, match="nested integer"):
-        train.nested_int_tuple("__import__('os').system('true')")
+        utils.nested_int_tuple("__import__('os').system('true')")
+
+
+def test_model_flags_are_the_config_fields_and_every_config_is_checked(tmp_path):
+    sys.path.insert(0, str(REPO))
+    import dataclasses
+
+    from conftest import TINY_CONFIG
+
+    import train
+    from model import Generator, HifiGanConfig, load_generator, save_generator
+    from utils import UserError
+    base = ["--experiment_name", "x", "--working_directory", "w", "--path_to_train_manifest", "a",
+            "--path_to_val_manifest", "b"]
+    help_text = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], capture_output=True,
+                               text=True).stdout
+    missing = [field.name for field in dataclasses.fields(HifiGanConfig) if f"--{field.name} " not in help_text]
+    assert missing == []
+    # the seed's flag forms: lists as separate values, the dilations as a nested tuple, on top of the preset
+    config = train.build_config(train.parse_args(base + ["--config", "v3", "--upsample_rates", "8", "8", "2", "2",
+                                                         "--upsample_kernel_sizes", "16,16,4,4", "--resblock", "1",
+                                                         "--resblock_dilation_sizes", "((1,3,5),(1,3,5),(1,3,5))"]))
+    assert config.upsample_rates == (8, 8, 2, 2) and config.upsample_kernel_sizes == (16, 16, 4, 4)
+    assert config.upsample_initial_channel == 256 and config.resblock_kernel_sizes == (3, 5, 7)  # from v3
+    # a combination that cannot work is refused where it is built, from flags as from a config.json
+    with pytest.raises(UserError, match=r"multiply to 128, but .* --hop_size 256"):
+        train.build_config(train.parse_args(base + ["--upsample_rates", "8", "8", "2"]))
+    with pytest.raises(UserError, match="above the Nyquist frequency"):
+        train.build_config(train.parse_args(base + ["--fmax", "12000"]))
+    folder = tmp_path / "export"
+    save_generator(Generator(TINY_CONFIG), folder)
+    config_file = folder / "config.json"
+    config_file.write_text(config_file.read_text().replace('"hop_size": 256', '"hop_size": 200'))
+    with pytest.raises(UserError, match="--hop_size 200"):
+        load_generator(folder)
 
 
 def write_teacher_forced_mels(folder: Path, manifest: Path) -> None:
-    """Stand-in for save_taco_mels.py: the ground-truth mel plus a small offset, frame-aligned per DESIGN §4."""
+    """Stand-in for save_taco_mels.py: the ground-truth mel plus a small offset, frame-aligned per docs/design.md §4."""
     sys.path.insert(0, str(REPO))
     from model import HifiGanConfig
     from utils import load_audio, mel_spectrogram, read_manifest
@@ -204,7 +245,10 @@ def write_teacher_forced_mels(folder: Path, manifest: Path) -> None:
         np.save(folder / (Path(row.audio_path).stem + ".npy"), (mel + 0.1).numpy())
 
 
+@pytest.mark.slow
 def test_finetune_starts_from_pretrained_weights_and_trains(tmp_path, tiny_corpus):
+    sys.path.insert(0, str(REPO))
+    from model import MultiPeriodDiscriminator
     run_train(tmp_path, tiny_corpus, "--max_steps", "2", name="pretrain")
     mels = tmp_path / "mels"
     write_teacher_forced_mels(mels, tiny_corpus[0])
@@ -215,9 +259,14 @@ def test_finetune_starts_from_pretrained_weights_and_trains(tmp_path, tiny_corpu
                 str(tmp_path / "pretrain")]
     result = run_train(tmp_path, tiny_corpus, *finetune, "--max_steps", "0", name="ft0")
     assert f"generator and discriminators from {pretrained}" in result.stdout
-    for name in ("model", "model_1", "model_2"):  # before the first step: exactly the pretrained weights
-        before, loaded = load_file(pretrained / f"{name}.safetensors"), load_file(tmp_path / "ft0" / "checkpoint_0" /
-                                                                                   f"{name}.safetensors")
+    # each checkpoint says which of accelerate's numbered files holds which model, and loading goes by that name
+    contents = json.loads((pretrained / "contents.json").read_text())
+    assert {contents[name] for name in ("generator", "mpd", "msd")} == {"model.safetensors", "model_1.safetensors",
+                                                                         "model_2.safetensors"}
+    assert set(load_file(pretrained / contents["mpd"])) == set(MultiPeriodDiscriminator((2, 3), 8).state_dict())
+    for name in ("generator", "mpd", "msd"):  # before the first step: exactly the pretrained weights
+        before = load_file(pretrained / contents[name])
+        loaded = load_file(tmp_path / "ft0" / "checkpoint_0" / contents[name])
         assert all(torch.equal(before[k], loaded[k]) for k in before)
     run_train(tmp_path, tiny_corpus, *finetune, "--max_steps", "2", name="ft")
     trained = load_file(tmp_path / "ft" / "checkpoint_2" / "model.safetensors")
@@ -225,6 +274,7 @@ def test_finetune_starts_from_pretrained_weights_and_trains(tmp_path, tiny_corpu
     assert any(not torch.equal(start[k], trained[k]) for k in start)
 
 
+@pytest.mark.slow
 def test_finetune_continues_the_pretraining_optimisers_only_when_asked(tmp_path, tiny_corpus):
     # 4 steps an epoch: at step 8 the learning rate has decayed once (after epoch 0; epoch 1 ends with the run)
     run_train(tmp_path, tiny_corpus, "--max_steps", "8", "--lr_decay", "0.9", name="pretrain")
@@ -324,6 +374,7 @@ def test_continue_optimizer_state_from_official_do_file(tmp_path):
         train.continue_optimizer_state(str(tmp_path / "g_00005000"), other, other_schedulers)
 
 
+@pytest.mark.slow
 def test_finetune_refuses_missing_mels_at_startup(tmp_path, tiny_corpus):
     (tmp_path / "empty").mkdir()
     command = [sys.executable, str(REPO / "train.py"), "--experiment_name", "x", "--working_directory", str(tmp_path),
@@ -335,7 +386,7 @@ def test_finetune_refuses_missing_mels_at_startup(tmp_path, tiny_corpus):
 
 
 def test_resume_with_another_batch_size_skips_the_clips_already_seen():
-    from train import TrainState
+    from training import TrainState
     # a checkpoint from before the field existed: 4 batches an epoch, 2 of epoch 1 done
     assert TrainState(step=6, epoch=1).start_epoch_at(steps_per_epoch=4, global_batch_size=2) == 2
     # 2 batches of 2 clips seen; resumed at 4 clips a batch: 1 batch done; at 1 clip a batch: 4
@@ -347,6 +398,7 @@ def test_resume_with_another_batch_size_skips_the_clips_already_seen():
     assert TrainState(step=12, epoch=1, epoch_start_step=4, global_batch_size=2).start_epoch_at(2, 4) == 2
 
 
+@pytest.mark.slow
 def test_finetune_official_v2_on_real_speech_with_nvidia_conventions_shared_fixture(tmp_path):
     """The recipe's finetuning path on real speech: the authors' V2 generator, LJSpeech clips, mels in NVIDIA
     Tacotron2's conventions (recorded level, centred frames; ground-truth mels stand in for its teacher-forced ones).
@@ -357,8 +409,7 @@ def test_finetune_official_v2_on_real_speech_with_nvidia_conventions_shared_fixt
 
     sys.path.insert(0, str(REPO))
     from dataset import write_saved_mels_info
-    from tacotron2.teacher_forcing import NVIDIA_MEL, frame_shift, mel_kwargs
-    from utils import load_audio, mel_spectrogram, read_manifest
+    from utils import MelConfig, read_manifest
     generator_v2 = shared_path("fixtures", "generator_v2")
     rows = read_manifest(shared_path("ljspeech_sample", "metadata.csv"))[:3]
     for name, part in (("train", rows[:2]), ("test", rows[2:])):
@@ -366,15 +417,15 @@ def test_finetune_official_v2_on_real_speech_with_nvidia_conventions_shared_fixt
             writer = csv.writer(handle)
             writer.writerow(["file_path", "normalized_transcript"])
             writer.writerows([row.audio_path, row.transcript] for row in part)
-    mels = tmp_path / "mels"
+    mels, nvidia = tmp_path / "mels", MelConfig.nvidia()
     mels.mkdir()
     for row in rows:
-        audio = torch.from_numpy(load_audio(row.audio_path, 22050, peak=None))
-        mel = mel_spectrogram(audio, **mel_kwargs(NVIDIA_MEL))[:, :len(audio) // 256]
+        audio = torch.from_numpy(nvidia.load(row.audio_path))  # the recorded level
+        mel = nvidia.mel(audio)[:, :len(audio) // 256]  # centred frames, the last dropped
         np.save(mels / f"{Path(row.audio_path).stem}.npy", mel.numpy())
     keys = ("sampling_rate", "num_mels", "n_fft", "window_size", "hop_size", "fmin", "fmax", "mel_scale")
-    write_saved_mels_info(mels, {"audio_peak": None, "frame_shift": frame_shift(NVIDIA_MEL),
-                                 "mel": {key: NVIDIA_MEL[key] for key in keys}})
+    write_saved_mels_info(mels, {"audio_peak": nvidia.audio_peak, "frame_shift": nvidia.frame_shift,
+                                 "mel": {key: getattr(nvidia, key) for key in keys}})
     command = [sys.executable, str(REPO / "train.py"), "--experiment_name", "ft", "--working_directory", str(tmp_path),
                "--path_to_train_manifest", str(tmp_path / "train.csv"), "--path_to_val_manifest",
                str(tmp_path / "test.csv"), "--finetune", "--path_to_saved_mels", str(mels),

@@ -1,4 +1,4 @@
-"""The one mel function (DESIGN.md §1), audio loading and manifests."""
+"""The one mel function (docs/design.md §1), audio loading and manifests."""
 
 import math
 import warnings

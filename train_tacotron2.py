@@ -1,13 +1,13 @@
 """Train Tacotron2 (text -> mel), the first half of the TTS pipeline whose second half is HiFi-GAN.
 
-    accelerate launch tacotron2/train.py --experiment_name tacotron2 --working_directory work_dir \
+    accelerate launch train_tacotron2.py --experiment_name tacotron2 --working_directory work_dir \
         --path_to_train_manifest data/splits/train.csv --path_to_val_manifest data/splits/test.csv
 
-The targets are `utils.mel_spectrogram` of each wav (DESIGN.md §1; `--mel_scale log` by default, the convention
+The targets are `utils.mel_spectrogram` of each wav (docs/design.md; `--mel_scale log` by default, the convention
 of NVIDIA's Tacotron2 and the official HiFi-GAN), so a vocoder trained in this repo reads what this model writes.
 Every `checkpoint_<step>` folder is also a ready inference folder (`tacotron2.safetensors` + `config.json` with the
 mel parameters), so `load_tacotron2(folder)` and `save_taco_mels.py --taco_weights folder` take it as it is.
-Reads top to bottom like ../train.py: flags -> config -> data -> model -> optimiser -> resume -> loop -> checkpoints.
+Reads top to bottom like train.py: flags -> config -> data -> model -> optimiser -> resume -> loop -> checkpoints.
 """
 
 from __future__ import annotations
@@ -15,40 +15,28 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-if not __package__:
-    # Run as a script (which is what `accelerate launch tacotron2/train.py` does), Python puts tacotron2/ first on
-    # sys.path, where its model.py and this train.py would shadow the repo's own: put the repo root there instead.
-    _PACKAGE_DIR = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _PACKAGE_DIR]
-    sys.path.insert(0, str(_PACKAGE_DIR.parent))
-
-from inference import griffin_lim
-from model import HifiGanConfig
-from tacotron2 import Tacotron2, Tacotron2Config, load_tacotron2, save_tacotron2, symbols, text_to_sequence
-from tacotron2.data import collate
-from tacotron2.model import padding_mask
-from tacotron2.teacher_forcing import load_clip, mel_kwargs, mel_settings
-from train import (
-    StopSignal,
+from tacotron2 import Tacotron2, Tacotron2Config, load_tacotron2, save_tacotron2, symbols
+from tacotron2.data import TextMelDataset, collate, tacotron2_loss
+from training import (
+    RunControl,
+    StepLog,
     check_launch,
     resume,
-    save_checkpoint,
     setup_trackers,
     start_trackers,
 )
-from utils import UserError, check_audio_files, mel_spectrogram, read_manifest, run_cli, save_audio
+from utils import MelConfig, UserError, add_config_flags, config_overrides, run_cli, save_audio
+from vocoding import griffin_lim
 
 # ---------------------------------------------------------------------------------------------
 # Flags (the seed tutorial's train_taco.sh names, mapped onto NVIDIA's Tacotron2Config in build_config)
@@ -115,22 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--attention_location_n_filters", type=int, default=32)
     add("--attention_location_kernel_size", type=int, default=31)
     add("--max_decoder_steps", type=int, default=1000, help="inference stops here if the stop token never fires")
-    # Audio and mel (DESIGN.md §1)
-    add("--sampling_rate", type=int, default=22050)
-    add("--num_mels", type=int, default=80)
-    add("--n_fft", type=int, default=1024)
-    add("--window_size", type=int, default=1024)
-    add("--hop_size", type=int, default=256)
-    add("--fmin", type=float, default=0.0)
-    add("--fmax", type=float, default=8000.0)
-    add("--mel_scale", choices=["log", "db"], default="log",
-        help="log: NVIDIA's and HiFi-GAN's natural-log mel; db: the seed tutorial's normalised dB")
-    add("--min_db", type=float, default=-100.0)
-    add("--max_scaled_abs", type=float, default=4.0)
-    add("--audio_peak", type=lambda text: None if text.lower() == "none" else float(text), default=0.95,
-        help="peak-normalise every clip to this level before taking its mel, as the vocoder's pretraining does; "
-             "'none' keeps the recorded level, as NVIDIA's Tacotron2 was trained. Recorded in config.json, so "
-             "save_taco_mels.py and finetuning follow it")
+    # Audio and mel: a flag for every MelConfig field. --audio_peak and --center are recorded with the model, so
+    # save_taco_mels.py and finetuning read each clip as it was read here (NVIDIA's: --audio_peak none --center).
+    add_config_flags(parser, MelConfig, "audio and mel", defaults=MelConfig())
     # Logging
     add("--log_wandb", action=argparse.BooleanOptionalAction, default=False, help="same as --report_to wandb")
     add("--report_to", choices=["wandb", "tensorboard", "none"], default=None)
@@ -167,102 +142,21 @@ def build_config(args: argparse.Namespace) -> Tacotron2Config:
     )
 
 
-def audio_config(args: argparse.Namespace) -> dict:
-    """The mel settings (utils.mel_spectrogram's keyword arguments and the level convention `audio_peak`), stored as
-    "audio" in every config.json: teacher forcing reads the model's own (tacotron2.teacher_forcing.mel_settings)."""
-    return dict(sampling_rate=args.sampling_rate, n_fft=args.n_fft, num_mels=args.num_mels, hop_size=args.hop_size,
-                window_size=args.window_size, fmin=args.fmin, fmax=args.fmax, mel_scale=args.mel_scale,
-                min_db=args.min_db, max_scaled_abs=args.max_scaled_abs, center=False, audio_peak=args.audio_peak)
+def mel_config(args: argparse.Namespace) -> MelConfig:
+    """The mel settings, stored with the model ("audio" in every config.json) and read back by teacher forcing."""
+    return MelConfig(**config_overrides(args, MelConfig)).checked()
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: (symbol ids, mel) per clip; batches padded, with stop-token targets
-# ---------------------------------------------------------------------------------------------
-
-class TextMelDataset(Dataset):
-    """Items are (tokens [T_in] long, mel [num_mels, len(audio) // hop_size]) for each row of a manifest.
-
-    Every row is checked at start-up, not hours into training: its audio (exists, readable, not empty, at least one
-    hop long: utils.check_audio_files, as the vocoder's MelDataset) and its transcript (present, with at least one
-    symbol once cleaned). All bad rows are reported in one UserError naming the manifest; with `skip_bad_files` they
-    are dropped instead and counted in a warning (`quiet` leaves that to another process of the run).
-    """
-
-    def __init__(self, manifest: str | os.PathLike, audio: dict, skip_bad_files: bool = False,
-                 quiet: bool = False) -> None:
-        rows = read_manifest(manifest, check_files=False)
-        self.audio = audio
-        reasons: dict[int, list[str]] = {}
-        for row, reason in check_audio_files(rows, min_seconds=audio["hop_size"] / audio["sampling_rate"]):
-            reasons.setdefault(id(row), []).append(f"{row.audio_path}: {reason}")
-        self.rows, self.tokens = [], []
-        for row in rows:
-            tokens = text_to_sequence(row.transcript) if (row.transcript or "").strip() else None
-            if tokens is None:
-                reasons.setdefault(id(row), []).append(
-                    f"no transcript for {row.audio_path} (Tacotron2 needs a 'normalized_transcript' column, "
-                    "which prep_splits.py writes)")
-            elif not tokens:
-                reasons.setdefault(id(row), []).append(
-                    f"the transcript {row.transcript!r} has no symbol Tacotron2 knows once cleaned")
-            if id(row) not in reasons:
-                self.rows.append(row)
-                self.tokens.append(torch.tensor(tokens, dtype=torch.long))
-        bad = [f"line {row.line}: {'; '.join(reasons[id(row)])}" for row in rows if id(row) in reasons]
-        if bad and not skip_bad_files:
-            if len(bad) == 1:
-                raise UserError(f"{manifest}, {bad[0]}; fix the row, or pass --skip_bad_files to drop it")
-            raise UserError(f"{len(bad)} bad rows in {manifest} (fix them, or pass --skip_bad_files to drop them):"
-                            "\n  " + "\n  ".join(bad))
-        if bad and not quiet:
-            warnings.warn(f"--skip_bad_files: dropped {len(bad)} bad rows of {manifest}, kept {len(self.rows)}:\n  "
-                          + "\n  ".join(bad), stacklevel=2)
-        if not self.rows:
-            raise UserError(f"no usable rows left in {manifest}")
-        # Build the mel filter bank in the main process: DataLoader workers forked later inherit the cache.
-        mel_spectrogram(torch.zeros(audio["n_fft"]), **mel_kwargs(audio))
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # At the level convention recorded with the model (--audio_peak): teacher forcing reads its clips the same way.
-        audio = torch.from_numpy(load_clip(self.rows[index].audio_path, self.audio))
-        return self.tokens[index], mel_spectrogram(audio, **mel_kwargs(self.audio))
-
-
-def tacotron2_loss(mel: torch.Tensor, mel_postnet: torch.Tensor, gate: torch.Tensor, mel_target: torch.Tensor,
-                   gate_target: torch.Tensor, output_lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(total, mel MSE, post-net mel MSE, stop-token BCE), each averaged over the real frames of the batch only.
-
-    NVIDIA averages over the padding too, which weighs a clip by the longest one in its batch; masking makes the
-    loss of a clip independent of what it was batched with.
-    """
-    valid = ~padding_mask(output_lengths.to(mel_target.device), mel_target.shape[2])
-    frames = valid.sum()
-
-    def masked_mse(prediction: torch.Tensor) -> torch.Tensor:
-        squared = (prediction.float() - mel_target.float()).pow(2) * valid[:, None, :]
-        return squared.sum() / (frames * mel_target.shape[1])
-
-    loss_mel, loss_postnet = masked_mse(mel), masked_mse(mel_postnet)
-    loss_gate = (F.binary_cross_entropy_with_logits(gate.float(), gate_target.float(), reduction="none")
-                 * valid).sum() / frames
-    return loss_mel + loss_postnet + loss_gate, loss_mel, loss_postnet, loss_gate
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints (DESIGN.md §3, as ../train.py) and start weights
-# ---------------------------------------------------------------------------------------------
-
-def init_weights(model: Tacotron2, path: str | os.PathLike) -> None:
-    """Copy the weights of NVIDIA's file or a folder/export of this repo into `model` (architectures must match)."""
+def init_weights(model: Tacotron2, path: str | os.PathLike) -> MelConfig:
+    """Copy the weights of NVIDIA's file or a folder/export of this repo into `model` (architectures must match);
+    returns the mel those weights were trained on."""
     try:
         pretrained = load_tacotron2(path, config=model.config)
     except UserError as error:
         raise UserError(f"--init_from: {error}. The model flags (--character_embed_dim, --encoder_embed_dim, "
                         "--decoder_rnn_embed_dim, ...) must describe the architecture of the weights") from None
     model.load_state_dict(pretrained.state_dict())
+    return pretrained.mel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +214,7 @@ def plot_validation(mels: dict[str, torch.Tensor], alignments: dict[str, torch.T
 
 
 def log_validation_media(accelerator: Accelerator, report_to: str | None, step: int, model: Tacotron2,
-                         first: tuple, audio: dict, save_dir: Path | None) -> None:
+                         first: tuple, save_dir: Path | None) -> None:
     """Mel and alignment images of the first validation clip, teacher-forced and free-running (`infer`); with
     --save_audio_gen, Griffin-Lim audio of both predicted mels too, logged and written to the folder."""
     if (report_to is None and save_dir is None) or first is None:
@@ -341,19 +235,17 @@ def log_validation_media(accelerator: Accelerator, report_to: str | None, step: 
                               {"teacher-forced alignment": alignment, "inferred alignment": alignment_inferred})
     sounds = {}
     if save_dir is not None:
-        # griffin_lim reads the mel parameters off a vocoder config
-        config = HifiGanConfig(**{k: v for k, v in audio.items() if k not in ("center", "audio_peak")})
-        sounds = {"teacher_forced": griffin_lim(mel_teacher_forced, config),
-                  "inferred": griffin_lim(mel_inferred, config)}
+        sounds = {"teacher_forced": griffin_lim(mel_teacher_forced, model.mel),
+                  "inferred": griffin_lim(mel_inferred, model.mel)}
         save_dir.mkdir(parents=True, exist_ok=True)
         for name, figure in figures.items():
             figure.savefig(save_dir / f"step_{step}_{name}.png")
         for name, sound in sounds.items():
-            save_audio(save_dir / f"step_{step}_{name}_griffin_lim.wav", sound, audio["sampling_rate"])
+            save_audio(save_dir / f"step_{step}_{name}_griffin_lim.wav", sound, model.mel.sampling_rate)
     if report_to == "wandb":
         import wandb
         logs = {f"val/{name}": wandb.Image(figure) for name, figure in figures.items()}
-        logs.update({f"val/audio_{name}": wandb.Audio(sound.numpy(), sample_rate=audio["sampling_rate"],
+        logs.update({f"val/audio_{name}": wandb.Audio(sound.numpy(), sample_rate=model.mel.sampling_rate,
                                                        caption="Griffin-Lim") for name, sound in sounds.items()})
         accelerator.get_tracker("wandb").log(logs, step=step)
     elif report_to == "tensorboard":
@@ -361,7 +253,7 @@ def log_validation_media(accelerator: Accelerator, report_to: str | None, step: 
         for name, figure in figures.items():
             writer.add_figure(f"val/{name}", figure, step, close=False)
         for name, sound in sounds.items():
-            writer.add_audio(f"val/audio_{name}", sound.unsqueeze(0), step, sample_rate=audio["sampling_rate"])
+            writer.add_audio(f"val/audio_{name}", sound.unsqueeze(0), step, sample_rate=model.mel.sampling_rate)
     for figure in figures.values():
         plt.close(figure)
 
@@ -374,12 +266,12 @@ def main(argv: list[str] | None = None) -> Tacotron2:
     """Train; returns this process's (unwrapped) model."""
     args = parse_args(argv)
     config = build_config(args)
-    audio = audio_config(args)
+    mel = mel_config(args)
     if not 0 < args.min_learning_rate <= args.learning_rate:
         raise UserError(f"--min_learning_rate {args.min_learning_rate} must be positive and at most "
                         f"--learning_rate {args.learning_rate}")
     run_dir = Path(args.working_directory) / args.experiment_name
-    report_to = setup_trackers(args)
+    report_to = setup_trackers(args.report_to, args.log_wandb)
     save_dir = None if args.save_audio_gen is None else Path(args.save_audio_gen or run_dir / "generated")
 
     accelerator = Accelerator(
@@ -393,12 +285,12 @@ def main(argv: list[str] | None = None) -> Tacotron2:
     check_launch(accelerator)
     set_seed(args.seed, device_specific=False)
     accelerator.print(f"Tacotron2 on {accelerator.num_processes} process(es), device {accelerator.device}, "
-                      f"mixed precision {accelerator.mixed_precision}; {args.mel_scale} mel")
+                      f"mixed precision {accelerator.mixed_precision}; {mel.mel_scale} mel")
 
     # Data
     quiet = not accelerator.is_main_process  # the other processes check the same rows: one report is enough
-    train_set = TextMelDataset(args.path_to_train_manifest, audio, args.skip_bad_files, quiet)
-    val_set = TextMelDataset(args.path_to_val_manifest, audio, args.skip_bad_files, quiet)
+    train_set = TextMelDataset(args.path_to_train_manifest, mel, args.skip_bad_files, quiet)
+    val_set = TextMelDataset(args.path_to_val_manifest, mel, args.skip_bad_files, quiet)
     pin = accelerator.device.type == "cuda"
     # The loader draws its seeds from a generator of its own, not the global one that the prenet's dropout uses:
     # a resumed run starts its iterator mid-epoch, and must not shift the dropout masks by doing so.
@@ -415,14 +307,14 @@ def main(argv: list[str] | None = None) -> Tacotron2:
     max_steps = args.max_steps if args.max_steps is not None else args.training_epochs * steps_per_epoch
 
     # Model, optimiser, schedule
-    model = Tacotron2(config)
+    model = Tacotron2(config, mel)
     if args.init_from:
-        init_weights(model, args.init_from)
+        pretrained_mel = init_weights(model, args.init_from)
         accelerator.print(f"initialised from {args.init_from}")
-        changed = {k: v for k, v in mel_settings(args.init_from).items() if k in audio and audio[k] != v}
+        changed = pretrained_mel.differences(mel, tuple(mel.to_dict()))
         if changed:  # allowed (e.g. adapting to a new mel on purpose), but rarely what one means
-            accelerator.print(f"warning: {args.init_from} was trained with other mel settings ("
-                              + ", ".join(f"{k} {v} -> {audio[k]}" for k, v in changed.items()) + ")")
+            accelerator.print(f"warning: {args.init_from} was trained with other mel settings (theirs (ours): "
+                              + ", ".join(changed) + ")")
     accelerator.print(f"{model.num_parameters() / 1e6:.2f} M parameters")
     # Adam with an L2 penalty, as NVIDIA's recipe and the seed tutorial.
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
@@ -438,9 +330,7 @@ def main(argv: list[str] | None = None) -> Tacotron2:
         run_dir.mkdir(parents=True, exist_ok=True)
     report_to = start_trackers(accelerator, report_to, args.run_name or args.experiment_name, run_dir, vars(args))
 
-    def maybe_validate(force: bool = False) -> None:
-        if not (force or state.step % args.validation_steps == 0):
-            return
+    def validate_now() -> None:
         if accelerator.is_main_process:
             # The prenet's dropout draws random numbers in validation too: fork the RNG so that validating does
             # not change the training run (a resumed run, which did not validate at that point, stays identical).
@@ -451,25 +341,34 @@ def main(argv: list[str] | None = None) -> Tacotron2:
                                   f"{losses['val/loss_mel']:.4f}, post-net {losses['val/loss_mel_postnet']:.4f}, "
                                   f"gate {losses['val/loss_gate']:.4f})")
                 accelerator.log(losses, step=state.step)
-                log_validation_media(accelerator, report_to, state.step, unwrapped, first, audio, save_dir)
+                log_validation_media(accelerator, report_to, state.step, unwrapped, first, save_dir)
         accelerator.wait_for_everyone()
 
     progress = tqdm(total=max_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train",
                     dynamic_ncols=True)
-    last_log_time, last_log_step, skipped_steps, nonfinite_in_a_row = time.perf_counter(), state.step, 0, 0
-    saved_step = None  # the step of the last checkpoint this run wrote
-    def export(folder: Path) -> None:  # the inference weights inside each checkpoint, with the mel they expect
-        save_tacotron2(accelerator.unwrap_model(model), folder, extra={"audio": audio})
+    step_log = StepLog(accelerator, progress, state.step, args.wandb_log_iters, args.console_out_iters)
 
-    stop_signal, interrupted = StopSignal(), False  # SIGTERM/Ctrl-C: finish the step, save, exit
-    stop_reason = None  # too many non-finite steps in a row
-    while state.step < max_steps and not interrupted and stop_reason is None:
+    def export(folder: Path) -> None:  # the inference weights inside each checkpoint, with the mel they expect
+        save_tacotron2(accelerator.unwrap_model(model), folder)  # with model.mel as "audio"
+
+    def console_line(scalars: dict[str, float]) -> str:
+        return (f"step {state.step} epoch {state.epoch}: loss {scalars['train/loss']:.4f} "
+                f"(mel {scalars['train/loss_mel']:.4f}, post-net {scalars['train/loss_mel_postnet']:.4f}, "
+                f"gate {scalars['train/loss_gate']:.4f}) grad {scalars['train/grad_norm']:.2f} "
+                f"lr {scalars['train/learning_rate']:.2e} {scalars['train/steps_per_second']:.2f} steps/s")
+
+    run = RunControl(accelerator, run_dir, state, export, max_steps=max_steps, keep_last=args.keep_last_checkpoints,
+                     checkpoint_steps=args.checkpoint_steps, checkpoint_epochs=args.checkpoint_epochs,
+                     validation_steps=args.validation_steps, validate=validate_now)
+    while run.going():
         epoch = state.epoch
         train_loader.set_epoch(epoch)
         # resumed mid-epoch: skip the batches already seen
         skip = state.start_epoch_at(steps_per_epoch, args.batch_size * accelerator.num_processes)
         loader = accelerator.skip_first_batches(train_loader, skip) if skip > 0 else train_loader
+        fetch_start = time.perf_counter()
         for text, text_lengths, mel, gate, output_lengths in loader:
+            step_log.data_wait += time.perf_counter() - fetch_start
             # The batch norms' running statistics, which the forward pass updates: put back if the step is skipped.
             buffers = [buffer.detach().clone() for buffer in model.buffers()]
             mel_out, mel_postnet, gate_out, _ = model(text, text_lengths, mel, output_lengths)
@@ -482,81 +381,33 @@ def main(argv: list[str] | None = None) -> Tacotron2:
             # A non-finite gradient (which a non-finite loss gives) would poison the weights: skip the step, leaving
             # weights, batch-norm statistics and optimiser state as they were. Gradients are all-reduced, so every
             # process takes the same decision.
-            if torch.isfinite(grad_norm):
+            finite = bool(torch.isfinite(grad_norm))
+            if finite:
                 optimizer.step()
-                nonfinite_in_a_row = 0
             else:
                 with torch.no_grad():
                     for buffer, saved in zip(model.buffers(), buffers):
                         buffer.copy_(saved)
-                skipped_steps += 1
-                nonfinite_in_a_row += 1
-                accelerator.print(f"step {state.step + 1}: non-finite loss or gradient, optimiser step skipped "
-                                  f"({nonfinite_in_a_row} in a row)")
             scheduler.step()
             state.step += 1
-            progress.update(1)
-
-            if state.step % args.wandb_log_iters == 0 or state.step % args.console_out_iters == 0:
-                now = time.perf_counter()
-                steps_per_second = (state.step - last_log_step) / max(now - last_log_time, 1e-9)
+            step_log.count(state.step, [] if finite else ["optimiser"])
+            if step_log.due(state.step):
                 scalars = {"train/loss": loss.item(), "train/loss_mel": loss_mel.item(),
                            "train/loss_mel_postnet": loss_postnet.item(), "train/loss_gate": loss_gate.item(),
                            "train/grad_norm": float(grad_norm), "train/learning_rate": scheduler.get_last_lr()[0],
-                           "train/steps_per_second": steps_per_second, "train/skipped_steps": skipped_steps,
                            "train/epoch": epoch}
-                if state.step % args.wandb_log_iters == 0:
-                    accelerator.log(scalars, step=state.step)
-                if state.step % args.console_out_iters == 0 and accelerator.is_main_process:
-                    # tqdm.write is a class method that ignores disable=: without the guard every process prints.
-                    progress.set_postfix(loss=f"{scalars['train/loss']:.4f}")
-                    progress.write(f"step {state.step} epoch {epoch}: loss {scalars['train/loss']:.4f} "
-                                   f"(mel {scalars['train/loss_mel']:.4f}, post-net "
-                                   f"{scalars['train/loss_mel_postnet']:.4f}, gate {scalars['train/loss_gate']:.4f}) "
-                                   f"grad {scalars['train/grad_norm']:.2f} lr {scalars['train/learning_rate']:.2e} "
-                                   f"{steps_per_second:.2f} steps/s")
-                last_log_time, last_log_step = now, state.step
-
-            if 0 < args.max_nonfinite_steps <= nonfinite_in_a_row:
-                # The skipped steps left weights and optimiser state untouched: what gets saved is the last good state.
-                stop_reason = (f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (the last at "
-                               f"step {state.step}); saved the last good state")
+                step_log.log(state.step, scalars, console_line, {"loss": f"{scalars['train/loss']:.4f}"})
+            # The skipped steps left weights and optimiser state untouched: what gets saved is the last good state.
+            if run.after_step(step_log.too_many_nonfinite(args.max_nonfinite_steps, state.step)):
                 break
-            if args.checkpoint_steps and state.step % args.checkpoint_steps == 0:
-                save_checkpoint(accelerator, run_dir, state, args.keep_last_checkpoints, export)
-                saved_step = state.step
-            if stop_signal.agreed(accelerator):
-                interrupted = True
-                break
-            maybe_validate()
-            if state.step >= max_steps:
-                break
+            fetch_start = time.perf_counter()
         else:
             state.epoch, state.epoch_start_step = state.epoch + 1, state.step
-            if state.epoch % args.checkpoint_epochs == 0 and state.step < max_steps:
-                save_checkpoint(accelerator, run_dir, state, args.keep_last_checkpoints, export)
-                saved_step = state.step
+            run.after_epoch()
 
     progress.close()
-    final = run_dir / f"checkpoint_{state.step}"
-    if saved_step != state.step:
-        save_checkpoint(accelerator, run_dir, state, args.keep_last_checkpoints, export)
-    if stop_reason is not None:
-        accelerator.end_training()
-        raise UserError(f"{stop_reason} in {final}. Try a lower --learning_rate or --grad_clip with "
-                        "--resume_from_checkpoint latest, or check the data (transcripts that do not match their "
-                        "audio, clipped or corrupt wavs)")
-    if interrupted:
-        accelerator.print(f"stopped by {stop_signal.received or 'a signal on another process'} after step "
-                          f"{state.step}; saved {final}. Continue with --resume_from_checkpoint latest")
-        accelerator.end_training()
-        return accelerator.unwrap_model(model)
-    if state.step % args.validation_steps != 0:
-        maybe_validate(force=True)
-    if accelerator.is_main_process:
-        export(run_dir)
-        accelerator.print(f"saved {final} and the inference weights {run_dir / 'tacotron2.safetensors'}")
-    accelerator.end_training()
+    run.finish(advice="Try a lower --learning_rate or --grad_clip with --resume_from_checkpoint latest, or check "
+               "the data (transcripts that do not match their audio, clipped or corrupt wavs)")
     return accelerator.unwrap_model(model)
 
 

@@ -1,0 +1,64 @@
+"""The module map of docs/design.md §7 holds: entry-point scripts import library modules only, never each other."""
+
+from __future__ import annotations
+
+import ast
+
+from conftest import REPO
+
+ENTRY_POINTS = {"train", "train_tacotron2", "save_taco_mels", "inference", "evaluate", "bench", "prep_splits",
+                "make_demo_corpus", "demo"}
+
+
+def repo_modules() -> dict[str, str]:
+    """Module name -> source, for the top-level scripts and the tacotron2 package."""
+    modules = {path.stem: path.read_text() for path in REPO.glob("*.py")}
+    modules.update({("tacotron2" if path.stem == "__init__" else f"tacotron2.{path.stem}"): path.read_text()
+                    for path in (REPO / "tacotron2").glob("*.py")})
+    return modules
+
+
+def imports_of(source: str, known: set[str]) -> set[str]:
+    """The repo modules a source imports, at the top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return found & known
+
+
+def test_every_script_is_an_entry_point_or_a_library_module():
+    modules = repo_modules()
+    scripts = {name for name, source in modules.items() if "__main__" in source}
+    assert scripts == ENTRY_POINTS, "update ENTRY_POINTS and docs/design.md §7 together"
+
+
+def test_no_module_imports_an_entry_point():
+    modules = repo_modules()
+    offenders = {name: sorted(imports_of(source, ENTRY_POINTS)) for name, source in modules.items()}
+    assert {name: found for name, found in offenders.items() if found} == {}
+
+
+def test_library_modules_form_no_cycle():
+    modules = repo_modules()
+    graph = {name: imports_of(source, set(modules)) - {name} for name, source in modules.items()
+             if name not in ENTRY_POINTS}
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        return any(nxt == target or (nxt not in seen and reaches(nxt, target, seen | {nxt}))
+                   for nxt in graph.get(start, ()))
+    # (the package's __init__ only re-exports its modules; an import of the package is an import of those)
+    graph = {name: {module for dep in deps for module in (graph["tacotron2"] if dep == "tacotron2" else {dep})}
+             for name, deps in graph.items() if name != "tacotron2"}
+    assert [name for name in graph if reaches(name, name, {name})] == []
+
+
+def test_comments_point_to_files_the_repo_has():
+    for path in [*REPO.glob("*.py"), *(REPO / "tacotron2").glob("*.py"), *(REPO / "tests").glob("*.py"),
+                 REPO / "README.md"]:
+        if path.name == "test_design.py":
+            continue
+        assert "DESIGN.md" not in path.read_text(), f"{path.name} points to a DESIGN.md the repo does not have"
+    assert (REPO / "docs" / "design.md").is_file()
