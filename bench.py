@@ -8,7 +8,8 @@ samples/s and peak memory, plain fp32 eager against the fast path (bf16 autocast
 and fused AdamW on a GPU) and, with --compile, torch.compile. Quality cost: log-mel L1 between what the fast-
 and the plain-trained generators (same initial weights, same batch) make of the batch's mel afterwards.
 
-Inference: ×real-time of V1, V2 and V3 on a 10-second utterance at batch 1 and at a throughput batch (4 on a
+Inference: ×real-time of V1, V2 and V3 (--presets all: every sample-rate preset too, with its parameter count)
+on a 10-second utterance at batch 1 and at a throughput batch (4 on a
 CPU, 16 on a GPU). Plain = weight norm live, fp32, no_grad; fast = weight norm folded + inference_mode in fp32,
 bf16 autocast (and fp16 on a GPU), torch.compile with --compile, and ONNX Runtime on a CPU. Quality cost:
 log-mel L1 between each fast output and the plain output for the same weights and input.
@@ -165,17 +166,19 @@ def inference_paths(generator: Generator, device: torch.device, use_compile: boo
 
 
 def bench_inference(device: torch.device, quick: bool, use_compile: bool, rounds: int,
-                    checkpoints: dict[str, str], onnx_dir: Path | None, wav: str | None = None) -> list[dict]:
+                    checkpoints: dict[str, str], onnx_dir: Path | None, wav: str | None = None,
+                    presets: tuple[str, ...] = ("v1", "v2", "v3")) -> list[dict]:
     rows = []
     seconds = QUICK_SECONDS if quick else 10.0
     throughput_batch = 2 if quick else 16 if device.type == "cuda" else 4
-    for preset in ("v1", "v2", "v3"):
+    for preset in presets:
         if preset in checkpoints:
             generator, weights = load_generator(checkpoints[preset]).to(device), "trained"
         else:
             torch.manual_seed(0)
             generator, weights = build_generator(preset).to(device).eval(), "random"
         config = generator.config
+        parameters = sum(p.numel() for p in generator.parameters())
         paths = inference_paths(generator, device, use_compile, onnx_dir)
         for batch in (1, throughput_batch):
             audio = recorded_audio(wav, seconds, config.sampling_rate, batch) if wav else \
@@ -193,7 +196,8 @@ def bench_inference(device: torch.device, quick: bool, use_compile: bool, rounds
             audio_seconds = batch * mel.shape[-1] * config.hop_size / config.sampling_rate
             plain_s = timings["plain fp32"]["seconds"]
             for name in list(paths)[1:]:
-                rows.append({"model": preset, "weights": weights, "batch": batch, "audio_s": audio_seconds,
+                rows.append({"model": preset, "weights": weights, "parameters": parameters,
+                             "sampling_rate": config.sampling_rate, "batch": batch, "audio_s": audio_seconds,
                              "path": name, "plain_xrt": audio_seconds / plain_s,
                              "fast_xrt": audio_seconds / timings[name]["seconds"], "speedup": timings[name]["speedup"],
                              "log_mel_l1_vs_plain": batch_log_mel_l1(outputs[name], outputs["plain fp32"], config),
@@ -204,7 +208,8 @@ def bench_inference(device: torch.device, quick: bool, use_compile: bool, rounds
 
 def format_inference_row(row: dict) -> str:
     compile_note = f" (compile {row['compile_s']:.0f} s)" if row["compile_s"] else ""
-    return (f"| {row['model']} ({row['weights']}) | {row['batch']} | {row['path']}{compile_note} | "
+    return (f"| {row['model']} ({row['weights']}, {row['parameters'] / 1e6:.2f} M, {row['sampling_rate']} Hz) | "
+            f"{row['batch']} | {row['path']}{compile_note} | "
             f"{row['plain_xrt']:.1f}× | {row['fast_xrt']:.1f}× | **{row['speedup']:.2f}×** | "
             f"{row['log_mel_l1_vs_plain']:.4f} |")
 
@@ -304,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train_steps", type=int, default=None, help="timed training rounds (default 5, quick 2)")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="PRESET=PATH",
                         help="trained weights for a preset, e.g. v2=generator_v2 (default: random weights)")
+    parser.add_argument("--presets", default="v1,v2,v3",
+                        help=f"inference presets, comma-separated, or 'all' ({','.join(PRESETS)})")
     parser.add_argument("--skip_training", action="store_true")
     parser.add_argument("--wav", help="inference input: this recording, looped (default: a synthetic speech-like "
                         "signal); with --checkpoint, the quality column is then what a listener would hear")
@@ -316,6 +323,10 @@ def main(argv: list[str] | None = None) -> None:
     rounds = args.rounds or (2 if args.quick else 5)
     steps = args.train_steps or (2 if args.quick else 5)
     checkpoints = dict(spec.split("=", 1) for spec in args.checkpoint)
+    presets = tuple(PRESETS) if args.presets == "all" else tuple(args.presets.split(","))
+    unknown = [name for name in presets if name not in PRESETS]
+    if unknown:
+        parser.error(f"--presets: unknown {', '.join(unknown)}; choose from {', '.join(PRESETS)} or 'all'")
 
     machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or
                platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -337,11 +348,12 @@ def main(argv: list[str] | None = None) -> None:
     if use_onnx and not all(importlib.util.find_spec(name) for name in ("onnxruntime", "onnxscript")):
         print("(no ONNX column: the export needs onnx and onnxscript, running it onnxruntime)")
         use_onnx = False
-    print("| model (weights) | batch | fast path | plain ×RT | fast ×RT | speed-up | log-mel L1 vs plain |")
+    print("| model (weights, parameters, rate) | batch | fast path | plain ×RT | fast ×RT | speed-up | "
+          "log-mel L1 vs plain |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as onnx_dir:
         results["inference"] = bench_inference(device, args.quick, args.compile, rounds, checkpoints,
-                                               Path(onnx_dir) if use_onnx else None, args.wav)
+                                               Path(onnx_dir) if use_onnx else None, args.wav, presets)
     results["inference_input"] = args.wav or "synthetic speech-like signal"
     results["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     results["wall_s"] = time.perf_counter() - started

@@ -9,6 +9,7 @@ centred frames: frame i belongs to the samples [i*hop - hop/2, (i+1)*hop - hop/2
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -62,18 +63,50 @@ def write_saved_mels_info(folder: str | os.PathLike, info: dict) -> None:
     os.replace(tmp, path)
 
 
+def resample_once(rows: list, sampling_rate: int, cache_dir: str | os.PathLike) -> list[str]:
+    """The audio file to read for each row: the row's own at `sampling_rate`, or a copy resampled once into
+    `cache_dir` (float32 wav, the recorded level kept), so that no epoch pays for resampling again.
+
+    A copy is named after the source's path, size and modification time: an edited source is resampled anew. Copies
+    are written under a temporary name and renamed, so processes sharing the cache never read half a file.
+    """
+    cache_dir = Path(cache_dir)
+    paths, todo = [], []
+    for row in rows:
+        if sf.info(row.audio_path).samplerate == sampling_rate:
+            paths.append(row.audio_path)
+            continue
+        stat = os.stat(row.audio_path)
+        key = hashlib.sha1(f"{os.path.abspath(row.audio_path)}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+        copy = cache_dir / f"{Path(row.audio_path).stem}-{key[:12]}.wav"
+        paths.append(str(copy))
+        if not copy.is_file():
+            todo.append((row.audio_path, copy))
+    if todo:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for source, copy in tqdm(todo, desc=f"resampling to {sampling_rate} Hz once (cache: {cache_dir})",
+                                 unit="clip"):
+            with warnings.catch_warnings():  # load_audio says it resamples; here that is the point
+                warnings.simplefilter("ignore")
+                audio = load_audio(source, sampling_rate, peak=None)
+            partial = copy.with_name(f".{copy.stem}.{os.getpid()}.partial.wav")
+            sf.write(str(partial), audio, sampling_rate, subtype="FLOAT")
+            os.replace(partial, copy)
+    return paths
+
+
 class MelDataset(Dataset):
     """Items are (mel [num_mels, frames], audio [samples], loss_mel [num_mels, frames]).
 
     train=True: random windows of `segment_size` samples (`segment_size // hop` frames); a clip shorter
     than that is zero-padded, not dropped. Pretraining crops at any sample (the mel is taken from the crop);
     with saved mels the crop starts on a frame boundary. train=False: whole utterances (trimmed to a whole
-    number of hops), for validation.
+    number of hops), for validation. Clips at another sample rate are resampled once into `resample_cache`.
     """
 
     def __init__(self, manifest: str | os.PathLike, config: HifiGanConfig, segment_size: int = 8192,
                  train: bool = True, saved_mels_dir: str | os.PathLike | None = None, seed: int = 0,
-                 skip_bad_files: bool = False):
+                 skip_bad_files: bool = False, resample_cache: str | os.PathLike | None = None):
         if segment_size % config.hop_size != 0:
             raise UserError(f"--segment_size {segment_size} must be a multiple of --hop_size {config.hop_size}")
         self.rows = read_manifest(manifest, check_files=False)
@@ -104,6 +137,10 @@ class MelDataset(Dataset):
                           f"\n  {report}", stacklevel=2)
             if not self.rows:
                 raise UserError(f"no usable rows left in {manifest}")
+        # Clips at another rate: resampled once into the cache (train.py: <working_directory>/resampled/<rate>),
+        # or, without a cache, on every read.
+        self.audio_paths = ([row.audio_path for row in self.rows] if resample_cache is None
+                            else resample_once(self.rows, config.sampling_rate, resample_cache))
         # Shared memory, so that persistent DataLoader workers (which keep their own copy of the
         # dataset) see the epoch the main process sets.
         self._epoch = multiprocessing.Value("i", 0, lock=False)
@@ -111,6 +148,11 @@ class MelDataset(Dataset):
         # inherit the cache instead of each paying librosa's numba compilation.
         mel_spectrogram(torch.zeros(config.n_fft), **config.mel_kwargs())
         mel_spectrogram(torch.zeros(config.n_fft), **config.mel_kwargs(for_loss=True))
+
+    def select(self, indices: list[int]) -> None:
+        """Keep these clips, in this order (train.py: validation clips spread over the speakers)."""
+        self.rows = [self.rows[i] for i in indices]
+        self.audio_paths = [self.audio_paths[i] for i in indices]
 
     def set_epoch(self, epoch: int) -> None:
         # Crops are drawn from (seed, epoch, index) rather than a global RNG, so a run resumed
@@ -179,7 +221,7 @@ class MelDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hop = self.config.hop_size
-        audio = torch.from_numpy(load_audio(self.rows[index].audio_path, self.config.sampling_rate, self.audio_peak))
+        audio = torch.from_numpy(load_audio(self.audio_paths[index], self.config.sampling_rate, self.audio_peak))
         rng = np.random.default_rng([self.seed, self.epoch, index])
         if self.saved_mels_dir is None:
             if self.train:

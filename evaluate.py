@@ -1,14 +1,15 @@
 """Score vocoders on a test manifest: MOS predictors, spectral distances, PESQ, STOI, pitch, speed.
 
-    python evaluate.py --manifest data/splits/test.csv --vocoder v1=work_dir/hifigan \
+    python evaluate.py --manifest data/splits/test.csv --vocoder v1=work_dir/hifigan \\
         --vocoder official=generator_v1 --griffin_lim --output_dir eval_out
 
 Every system vocodes the same mel of each clip: the ground-truth mel of the wav (utils.mel_spectrogram),
 Tacotron2's teacher-forced mel with --taco_weights (aligned with the recording, so every metric
 applies), or its free-running mel with --free_running (not aligned: only the MOS predictors apply).
 Writes <output_dir>/results.md and results.csv (one row per system, plus "ground truth": the
-recordings themselves scored by the MOS predictors, the ceiling), results_per_clip.csv, and the
-synthesised wavs under <output_dir>/<system>/.
+recordings themselves scored by the MOS predictors, the ceiling), results_per_clip.csv, with several speakers in
+the manifest (its `speaker` column) results_per_speaker.csv and a per-speaker table, and the synthesised wavs under
+<output_dir>/<system>/.
 """
 
 from __future__ import annotations
@@ -34,8 +35,12 @@ GROUND_TRUTH = "ground truth"
 GRIFFIN_LIM = "griffin_lim"
 MOS_COLUMNS = ["DNSMOS P.808", "DNSMOS overall", "UTMOS"]
 REFERENCE_COLUMNS = ["log-mel L1", "MCD (dB)", "PESQ-WB", "STOI", "F0 RMSE (cents)", "V/UV error"]
-COLUMNS = ["system", *MOS_COLUMNS, *REFERENCE_COLUMNS, "RTF"]
-DECIMALS = {"log-mel L1": 3, "STOI": 3, "V/UV error": 3, "F0 RMSE (cents)": 1, "RTF": 1}
+# RTF as ESPnet and ParallelWaveGAN print it: compute seconds per second of audio (lower is better); × real time is
+# its inverse.
+SPEED_COLUMNS = ["RTF", "× real time"]
+CLIP_COLUMNS = [*MOS_COLUMNS, *REFERENCE_COLUMNS]  # what each clip gets; speed is measured per system
+COLUMNS = ["system", *CLIP_COLUMNS, *SPEED_COLUMNS]
+DECIMALS = {"log-mel L1": 3, "STOI": 3, "V/UV error": 3, "F0 RMSE (cents)": 1, "RTF": 4, "× real time": 1}
 UTMOS_MISSING = "weights not available (pass --utmos_checkpoint)"
 
 
@@ -148,6 +153,7 @@ class Clip:
         self.row, self.tacotron, self.free_running = row, tacotron, free_running
         self.max_decoder_steps = max_decoder_steps
         self.recordings: dict[int, np.ndarray] = {}
+        self.f0_tracks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.mels: dict[tuple, torch.Tensor] = {}
         teacher_forced = tacotron is not None and not free_running
         self.peak = tacotron.mel.audio_peak if teacher_forced else None
@@ -167,6 +173,12 @@ class Clip:
         """What the vocoded audio is compared with: the recording, delayed as the vocoder's frames are."""
         audio = self.recording(sampling_rate)
         return np.concatenate([np.zeros(self.shift, audio.dtype), audio]) if self.shift else audio
+
+    def reference_f0(self, sampling_rate: int) -> tuple[np.ndarray, np.ndarray]:
+        """The reference's pitch track, tracked once per clip and rate, not once per system."""
+        if sampling_rate not in self.f0_tracks:
+            self.f0_tracks[sampling_rate] = metrics.f0_track(self.reference(sampling_rate), sampling_rate)
+        return self.f0_tracks[sampling_rate]
 
     def mel(self, config: HifiGanConfig) -> torch.Tensor:
         key = tuple(sorted(config.mel_kwargs().items()))
@@ -219,9 +231,10 @@ def mos_scores(audio: np.ndarray, sampling_rate: int, utmos_checkpoint: str | No
             "UTMOS": metrics.utmos(audio, sampling_rate, utmos_checkpoint) if use_utmos else None}
 
 
-def reference_scores(reference: np.ndarray, audio: np.ndarray, config: HifiGanConfig) -> dict[str, float | None]:
+def reference_scores(clip: Clip, audio: np.ndarray, config: HifiGanConfig) -> dict[str, float | None]:
     sampling_rate = config.sampling_rate
-    f0_rmse, vuv_error = metrics.f0_rmse_and_vuv(reference, audio, sampling_rate)
+    reference = clip.reference(sampling_rate)
+    f0_rmse, vuv_error = metrics.f0_rmse_and_vuv(reference, audio, sampling_rate, clip.reference_f0(sampling_rate))
     return {"log-mel L1": metrics.log_mel_l1(reference, audio, config),
             "MCD (dB)": metrics.mel_cepstral_distortion(reference, audio, sampling_rate),
             "PESQ-WB": metrics.pesq_wb(reference, audio, sampling_rate),
@@ -264,9 +277,10 @@ def write_tables(results: list[dict], output_dir: Path, use_utmos: bool, mel_sou
     lines += ["| " + " | ".join(format_cell(column, row.get(column), use_utmos) for column in COLUMNS) + " |"
               for row in results]
     lines += ["", f"{num_clips} clips, {mel_source}. Higher is better for the MOS columns, PESQ-WB (1.04-4.64), "
-              "STOI (0-1) and RTF (seconds of audio per second of compute); lower is better for log-mel L1, "
-              "MCD, F0 RMSE (over frames voiced in both) and V/UV error. n/a: not defined for that row "
-              "(reference metrics of the recordings themselves, or of unaligned free-running mels)."]
+              "STOI (0-1) and × real time (seconds of audio per second of compute); lower is better for "
+              "log-mel L1, MCD, F0 RMSE (over frames voiced in both), V/UV error and RTF (seconds of compute per "
+              "second of audio). n/a: not defined for that row (reference metrics of the recordings themselves, or of "
+              "unaligned free-running mels)."]
     markdown = "\n".join(lines) + "\n"
     (output_dir / "results.md").write_text(markdown)
     return markdown
@@ -274,12 +288,38 @@ def write_tables(results: list[dict], output_dir: Path, use_utmos: bool, mel_sou
 
 def write_per_clip(per_clip: dict[str, list[dict]], output_dir: Path) -> None:
     with open(output_dir / "results_per_clip.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["clip", *COLUMNS[:-1]])
+        writer = csv.DictWriter(handle, fieldnames=["clip", "speaker", "system", *CLIP_COLUMNS])
         writer.writeheader()
         for name, clips in per_clip.items():
             for scores in clips:
-                writer.writerow({"clip": scores["clip"], "system": name,
-                                 **{c: "" if scores.get(c) is None else scores[c] for c in COLUMNS[1:-1]}})
+                writer.writerow({"clip": scores["clip"], "speaker": scores.get("speaker") or "", "system": name,
+                                 **{c: "" if scores.get(c) is None else scores[c] for c in CLIP_COLUMNS}})
+
+
+def write_per_speaker(per_clip: dict[str, list[dict]], output_dir: Path, use_utmos: bool) -> str:
+    """With several speakers in the manifest: each system's means per speaker (results_per_speaker.csv, and a
+    markdown table appended to results.md), so that a vocoder that fails one voice cannot hide in the mean."""
+    speakers = sorted({scores.get("speaker") or "" for clips in per_clip.values() for scores in clips})
+    if len(speakers) < 2:
+        return ""
+    columns = ["system", "speaker", "clips", *CLIP_COLUMNS]
+    rows = []
+    for name, clips in per_clip.items():
+        for speaker in speakers:
+            mine = [scores for scores in clips if (scores.get("speaker") or "") == speaker]
+            rows.append({"system": name, "speaker": speaker, "clips": len(mine), **average(mine)})
+    with open(output_dir / "results_per_speaker.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({c: "" if row.get(c) is None else row[c] for c in columns} for row in rows)
+    lines = ["", f"Per speaker ({len(speakers)} speakers; means over each speaker's clips):", "",
+             "| " + " | ".join(columns) + " |", "| --- | --- |" + " ---: |" * (len(columns) - 2)]
+    lines += ["| " + " | ".join([row["system"], row["speaker"], str(row["clips"])] +
+                                [format_cell(c, row.get(c), use_utmos) for c in columns[3:]]) + " |" for row in rows]
+    markdown = "\n".join(lines) + "\n"
+    with open(output_dir / "results.md", "a") as handle:
+        handle.write(markdown)
+    return markdown
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,20 +354,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in tqdm(rows, desc="evaluating", unit="clip"):
         clip = Clip(row, tacotron, args.free_running, args.max_decoder_steps)
         stem = Path(row.audio_path).stem
-        per_clip[GROUND_TRUTH].append({"clip": stem, **mos_scores(clip.recording(ground_truth_rate), ground_truth_rate,
-                                                                   args.utmos_checkpoint, use_utmos)})
+        tag = {"clip": stem, "speaker": row.speaker}
+        per_clip[GROUND_TRUTH].append({**tag, **mos_scores(clip.recording(ground_truth_rate), ground_truth_rate,
+                                                            args.utmos_checkpoint, use_utmos)})
         for system in systems:
             audio = timed_synthesis(system, clip.mel(system.config), args.griffin_lim_iters)
             save_audio(output_dir / system.name / f"{stem}.wav", audio, system.config.sampling_rate)
-            scores = {"clip": stem, **mos_scores(audio, system.config.sampling_rate, args.utmos_checkpoint, use_utmos)}
+            scores = {**tag, **mos_scores(audio, system.config.sampling_rate, args.utmos_checkpoint, use_utmos)}
             if aligned:
-                scores.update(reference_scores(clip.reference(system.config.sampling_rate), audio, system.config))
+                scores.update(reference_scores(clip, audio, system.config))
             per_clip[system.name].append(scores)
 
-    results = [{"system": GROUND_TRUTH, **average(per_clip[GROUND_TRUTH]), "RTF": None}]
+    results = [{"system": GROUND_TRUTH, **average(per_clip[GROUND_TRUTH]), "RTF": None, "× real time": None}]
     results += [{"system": system.name, **average(per_clip[system.name]),
-                 "RTF": system.audio_seconds / max(system.compute_seconds, 1e-9)} for system in systems]
+                 "RTF": system.compute_seconds / max(system.audio_seconds, 1e-9),
+                 "× real time": system.audio_seconds / max(system.compute_seconds, 1e-9)} for system in systems]
     markdown = write_tables(results, output_dir, use_utmos, mel_source, len(rows))
+    markdown += write_per_speaker(per_clip, output_dir, use_utmos)
     write_per_clip(per_clip, output_dir)
     print(markdown)
     print(f"wrote {output_dir / 'results.md'}, {output_dir / 'results.csv'} and the wavs under {output_dir}/<system>/")

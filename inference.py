@@ -120,13 +120,23 @@ def collect_jobs(args: argparse.Namespace, config: HifiGanConfig) -> list[Job]:
     return jobs
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default, unless it has none or its help already says what it is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Vocode mels, audio (copy-synthesis) or text with HiFi-GAN.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--checkpoint", help="generator export folder (generator.safetensors + config.json) "
                                              "or an official jik876 generator file")
-    parser.add_argument("--config", help="v1|v2|v3 or a config.json: overrides the checkpoint's (official "
-                                         "files carry none); for griffin_lim, the mel parameters (v1 when not given)")
+    parser.add_argument("--config", help="a preset (v1|v2|v3|16khz|24khz|44khz|48khz) or a config.json: overrides "
+                                         "the checkpoint's (official files carry none); for griffin_lim, the mel "
+                                         "parameters (v1 when not given)")
     source = parser.add_mutually_exclusive_group()  # required unless --export_onnx: checked below
     source.add_argument("--input", nargs="+", help=".npy mels, wav files, folders of either, .csv manifests")
     source.add_argument("--text", nargs="+", help="sentences to speak (needs --taco_weights)")
@@ -244,10 +254,12 @@ def run(args: argparse.Namespace) -> None:
                 audio_seconds += len(audio) / config.sampling_rate
             progress.update(len(batch))
     total_seconds = time.perf_counter() - started
+    # RTF as ESPnet and ParallelWaveGAN print it (compute / audio, lower is better), and its inverse, × real time.
     print(f"wrote {len(jobs)} file(s) to {output_dir}: {audio_seconds:.1f} s of audio in {total_seconds:.2f} s, "
-          f"{audio_seconds / max(total_seconds, 1e-9):.1f}x real time "
-          f"(vocoder alone {audio_seconds / max(vocoder_seconds, 1e-9):.1f}x; seconds of audio per second of "
-          f"compute) on {device}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} CPU thread(s)")
+          f"RTF {total_seconds / max(audio_seconds, 1e-9):.4f} = {audio_seconds / max(total_seconds, 1e-9):.1f}x "
+          f"real time (vocoder alone: RTF {vocoder_seconds / max(audio_seconds, 1e-9):.4f} = "
+          f"{audio_seconds / max(vocoder_seconds, 1e-9):.1f}x) on {device}, {str(dtype).removeprefix('torch.')}, "
+          f"{torch.get_num_threads()} CPU thread(s)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -194,15 +194,22 @@ def f0_track(audio: np.ndarray | torch.Tensor, sampling_rate: int) -> tuple[np.n
 
 
 def f0_rmse_and_vuv(reference: np.ndarray | torch.Tensor, degraded: np.ndarray | torch.Tensor,
-                    sampling_rate: int) -> tuple[float | None, float]:
+                    sampling_rate: int, reference_track: tuple[np.ndarray, np.ndarray] | None = None
+                    ) -> tuple[float | None, float]:
     """(F0 RMSE in cents over frames voiced in both, voiced/unvoiced decision error rate over all frames).
 
     Cents (1200 * log2 of the ratio) so that an octave error weighs the same for low and high voices.
     The RMSE is None when no frame is voiced in both signals; the V/UV error is always defined.
+    `reference_track`: f0_track(reference) computed once for a clip that several systems are compared with (pyin is
+    the slowest metric); frames are then compared over the shorter of the two tracks.
     """
-    reference, degraded = _pair(reference, degraded)
-    ref_f0, ref_voiced = f0_track(reference, sampling_rate)
+    if reference_track is None:
+        reference, degraded = _pair(reference, degraded)
+        reference_track = f0_track(reference, sampling_rate)
+    ref_f0, ref_voiced = reference_track
     deg_f0, deg_voiced = f0_track(degraded, sampling_rate)
+    frames = min(len(ref_f0), len(deg_f0))
+    ref_f0, ref_voiced, deg_f0, deg_voiced = ref_f0[:frames], ref_voiced[:frames], deg_f0[:frames], deg_voiced[:frames]
     vuv_error = float(np.mean(ref_voiced != deg_voiced))
     both = ref_voiced & deg_voiced & np.isfinite(ref_f0) & np.isfinite(deg_f0)
     if not both.any():

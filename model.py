@@ -78,8 +78,17 @@ class HifiGanConfig:
                             f"--hop_size {self.hop_size}; make their product the hop size")
         if len(self.upsample_rates) != len(self.upsample_kernel_sizes):
             raise UserError("--upsample_rates and --upsample_kernel_sizes need the same number of values")
+        for rate, kernel in zip(self.upsample_rates, self.upsample_kernel_sizes):
+            # A transposed conv with padding (kernel - rate) / 2 makes exactly rate samples per input sample only
+            # when kernel - rate is even and not negative; otherwise the audio drifts off frames x hop.
+            if kernel < rate or (kernel - rate) % 2:
+                raise UserError(f"upsample kernel {kernel} does not fit rate {rate}: a kernel must be at least its "
+                                f"rate and differ from it by an even number (2 x rate is usual: {2 * rate})")
         if len(self.resblock_kernel_sizes) != len(self.resblock_dilation_sizes):
             raise UserError("--resblock_kernel_sizes and --resblock_dilation_sizes need the same number of entries")
+        if self.discriminator_width_divisor not in (1, 2, 4, 8):
+            # The scale discriminators' grouped convs need 16 | 128 / divisor channels.
+            raise UserError(f"--discriminator_width_divisor {self.discriminator_width_divisor}: choose 1, 2, 4 or 8")
         if self.resblock not in ("1", "2"):
             raise UserError(f"--resblock {self.resblock!r}: choose 1 or 2")
         if self.fmax_loss is not None and self.fmax_loss > self.sampling_rate / 2:
@@ -118,14 +127,30 @@ class HifiGanConfig:
         return dataclasses.replace(PRESETS[name], **overrides)
 
 
-# The official configs (config_v1/v2/v3.json of jik876/hifi-gan).
+# v1/v2/v3: the official 22.05 kHz configs (config_v1/v2/v3.json of jik876/hifi-gan). The other rates keep V1's
+# generator (change its width with --upsample_initial_channel, e.g. 128 for a V2-sized model) and take their mel
+# from published vocoders at that rate; the hop stays the product of the upsampling rates, the window and FFT
+# cover about 46 ms, and the mel reaches the band the rate carries.
 PRESETS: dict[str, HifiGanConfig] = {
     "v1": HifiGanConfig(),
     "v2": HifiGanConfig(upsample_initial_channel=128),
     "v3": HifiGanConfig(resblock="2", upsample_rates=(8, 8, 4), upsample_kernel_sizes=(16, 16, 8),
                         upsample_initial_channel=256, resblock_kernel_sizes=(3, 5, 7),
                         resblock_dilation_sizes=((1, 2), (2, 6), (3, 12))),
+    # SpeechBrain's LibriTTS 16 kHz HiFi-GAN: the 22.05 kHz STFT settings at 16 kHz, mel up to Nyquist.
+    "16khz": HifiGanConfig(sampling_rate=16000, fmax=8000.0),
+    # BigVGAN's 24 kHz 100-band 256x setting (bigvgan_24khz_100band): mel up to Nyquist.
+    "24khz": HifiGanConfig(sampling_rate=24000, num_mels=100, fmax=12000.0),
+    # BigVGAN-v2's 44 kHz 128-band 512x setting (bigvgan_v2_44khz_128band_512x): a 2048-sample STFT, hop 512,
+    # mel up to Nyquist; the 512x upsampling as 8 x 8 x 4 x 2, the four-stage layout of NeMo's 44.1 kHz HiFi-GAN.
+    "44khz": HifiGanConfig(sampling_rate=44100, num_mels=128, n_fft=2048, window_size=2048, hop_size=512,
+                           fmax=None, upsample_rates=(8, 8, 4, 2), upsample_kernel_sizes=(16, 16, 8, 4)),
+    # The 44 kHz setting at 48 kHz (hop 512 = 10.7 ms).
+    "48khz": HifiGanConfig(sampling_rate=48000, num_mels=128, n_fft=2048, window_size=2048, hop_size=512,
+                           fmax=None, upsample_rates=(8, 8, 4, 2), upsample_kernel_sizes=(16, 16, 8, 4)),
 }
+# A training crop of 32 frames: 8192 samples at hop 256 (the official segment), 16384 at hop 512.
+SEGMENT_FRAMES = 32
 
 
 def resolve_config(config: HifiGanConfig | dict | str | os.PathLike | None) -> HifiGanConfig:
@@ -570,7 +595,8 @@ def load_generator(path: str | os.PathLike, config: HifiGanConfig | dict | str |
         state_dict = load_file(str(path))
         if config is None:
             if not (path.parent / "config.json").is_file():
-                raise UserError(f"{path} has no config.json beside it; pass --config v1|v2|v3 or a config.json")
+                raise UserError(f"{path} has no config.json beside it; pass --config with a preset (v1, v2, ...) "
+                                "or a config.json")
             config = path.parent / "config.json"
         config_name = str(config)
     else:

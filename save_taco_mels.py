@@ -1,6 +1,6 @@
 """Teacher-forced Tacotron2 mels for finetuning HiFi-GAN on what Tacotron2 really outputs (docs/design.md §4).
 
-    python save_taco_mels.py --path_to_manifest data/splits/train.csv data/splits/test.csv \
+    python save_taco_mels.py --path_to_manifest data/splits/train.csv data/splits/test.csv \\
         --path_to_save data/taco_mels --taco_weights work_dir/tacotron2/checkpoint_50000
     accelerate launch --num_processes 4 save_taco_mels.py ...      # the clips are split across the processes
 

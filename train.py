@@ -1,6 +1,6 @@
 """Train HiFi-GAN: pretraining on ground-truth mels, or --finetune on teacher-forced Tacotron2 mels.
 
-    accelerate launch train.py --experiment_name hifigan --working_directory work_dir \
+    accelerate launch train.py --experiment_name hifigan --working_directory work_dir \\
         --path_to_train_manifest data/train.csv --path_to_val_manifest data/test.csv
 
 One CPU, one GPU, many GPUs or many nodes: all through `accelerate launch` and its configs.
@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 
 from dataset import MelDataset
 from model import (
+    PRESETS,
+    SEGMENT_FRAMES,
     Generator,
     HifiGanConfig,
     MultiPeriodDiscriminator,
@@ -47,7 +49,7 @@ from training import (
     start_trackers,
     state_files,
 )
-from utils import UserError, add_config_flags, config_overrides, mel_spectrogram, run_cli
+from utils import UserError, add_config_flags, config_overrides, interleave_speakers, mel_spectrogram, run_cli
 from vocoding import vocode
 
 VALIDATION_CHUNK_FRAMES = 1024  # about 12 s of 22 kHz audio per generator call
@@ -72,7 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--checkpoint_epochs", type=int, default=1, help="save a checkpoint every N epochs")
     add("--checkpoint_steps", type=int, default=None, help="also save every N steps")
     add("--validation_steps", type=int, default=1000, help="validate every N steps (and at the end)")
-    add("--num_val_clips", type=int, default=None, help="validate on the first N clips only (default: all)")
+    add("--num_val_clips", type=int, default=None,
+        help="validate on N clips only, spread over the speakers (default: all)")
     add("--keep_last_checkpoints", type=int, default=3)
     add("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
     add("--batch_size", type=int, default=16, help="per process")
@@ -93,13 +96,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max_nonfinite_steps", type=int, default=20,
         help="stop (after saving) when this many steps in a row had a non-finite loss or gradient")
     # Model and mel: a flag for every HifiGanConfig field (None = take it from the --config preset)
-    add("--config", default="v1", help="preset v1|v2|v3 (or a config.json); explicit flags override it")
-    add("--segment_size", type=int, default=8192, help="audio samples per training crop (a multiple of the hop)")
+    add("--config", default="v1", help=f"a preset ({'|'.join(PRESETS)}; README: presets) or a config.json; "
+                                       "explicit flags override it")
+    add("--segment_size", type=int, default=None,
+        help=f"audio samples per training crop, a multiple of the hop (default: {SEGMENT_FRAMES} frames, 8192 at hop "
+             "256)")
     add_config_flags(parser, HifiGanConfig, "model and mel (default: the --config preset's)")
     # Logging
     add("--log_wandb", action="store_true", help="same as --report_to wandb")
     add("--report_to", choices=["wandb", "tensorboard", "none"], default=None)
-    add("--num_audio_samples", type=int, default=3, help="validation clips logged as audio and mel images")
+    add("--num_audio_samples", type=int, default=3,
+        help="validation clips logged as audio and mel images (of different speakers where the manifest has them)")
     # Finetuning on teacher-forced mels
     add("--finetune", action="store_true")
     add("--path_to_saved_mels", default=None, help="folder of <wav stem>.npy teacher-forced mels")
@@ -120,8 +127,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> HifiGanConfig:
-    """The --config preset (or config.json) with every explicitly given model/mel flag on top, checked."""
-    return dataclasses.replace(resolve_config(args.config), **config_overrides(args, HifiGanConfig))
+    """The --config preset (or config.json) with every explicitly given model/mel flag on top, checked; also settles
+    --segment_size (default: SEGMENT_FRAMES hops of this config)."""
+    config = dataclasses.replace(resolve_config(args.config), **config_overrides(args, HifiGanConfig))
+    if args.segment_size is None:
+        args.segment_size = SEGMENT_FRAMES * config.hop_size
+    if args.segment_size <= 0 or args.segment_size % config.hop_size:
+        raise UserError(f"--segment_size {args.segment_size} is not a whole number of hops ({config.hop_size} "
+                        f"samples); use a multiple such as {SEGMENT_FRAMES * config.hop_size}")
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,8 +235,10 @@ def plot_mels(mel_true: torch.Tensor, mel_generated: torch.Tensor):
     return figure
 
 
-def log_media(accelerator: Accelerator, report_to: str | None, step: int, samples: list, sampling_rate: int) -> None:
-    """Audio and mel images of a few validation clips, ground truth beside generated."""
+def log_media(accelerator: Accelerator, report_to: str | None, step: int, samples: list, sampling_rate: int,
+              names: list[str]) -> None:
+    """Audio and mel images of a few validation clips (named by `names`: clip and speaker), ground truth beside
+    generated."""
     if report_to is None or not samples:
         return
     import matplotlib.pyplot as plt
@@ -231,9 +247,10 @@ def log_media(accelerator: Accelerator, report_to: str | None, step: int, sample
         logs = {}
         for i, (audio, audio_generated, mel, mel_generated) in enumerate(samples):
             logs[f"val/audio_{i}"] = wandb.Audio(audio_generated.numpy(), sample_rate=sampling_rate,
-                                                 caption="generated")
+                                                 caption=f"generated: {names[i]}")
             if step == 0 or not hasattr(log_media, "_logged_truth"):
-                logs[f"val/audio_{i}_ground_truth"] = wandb.Audio(audio.numpy(), sample_rate=sampling_rate)
+                logs[f"val/audio_{i}_ground_truth"] = wandb.Audio(audio.numpy(), sample_rate=sampling_rate,
+                                                                  caption=names[i])
             figure = plot_mels(mel, mel_generated)
             logs[f"val/mel_{i}"] = wandb.Image(figure)
             plt.close(figure)
@@ -295,15 +312,20 @@ def main(argv: list[str] | None = None) -> Generator:
 
     # Data
     saved_mels = args.path_to_saved_mels if args.finetune else None
-    train_set = MelDataset(args.path_to_train_manifest, config, args.segment_size, train=True,
-                           saved_mels_dir=saved_mels, seed=args.seed, skip_bad_files=args.skip_bad_files)
-    val_set = MelDataset(args.path_to_val_manifest, config, args.segment_size, train=False,
-                         saved_mels_dir=saved_mels, seed=args.seed, skip_bad_files=args.skip_bad_files)
+    # Clips at another sample rate are resampled once, shared by every run in the working directory; the main
+    # process writes the copies while the others wait, then find them.
+    data = {"config": config, "segment_size": args.segment_size, "saved_mels_dir": saved_mels, "seed": args.seed,
+            "skip_bad_files": args.skip_bad_files,
+            "resample_cache": Path(args.working_directory) / "resampled" / str(config.sampling_rate)}
+    with accelerator.main_process_first():
+        train_set = MelDataset(args.path_to_train_manifest, train=True, **data)
+        val_set = MelDataset(args.path_to_val_manifest, train=False, **data)
     if len(train_set) < args.batch_size * accelerator.num_processes:
         raise UserError(f"{args.path_to_train_manifest} has {len(train_set)} clips, fewer than one batch of "
                         f"{args.batch_size} x {accelerator.num_processes} processes; lower --batch_size")
-    if args.num_val_clips is not None:
-        val_set.rows = val_set.rows[:args.num_val_clips]
+    # Speakers in turn, so that the clips logged (and --num_val_clips) cover several speakers; batches mix
+    # speakers anyway (shuffled).
+    val_set.select(interleave_speakers(val_set.rows)[:args.num_val_clips])
     # Workers that stay alive across epochs and keep batches queued, so the GPU never waits on audio decoding
     # (the wait per step is logged as train/data_wait_seconds_per_step).
     workers = {"persistent_workers": True, "prefetch_factor": 4} if args.num_workers > 0 else {}
@@ -350,7 +372,9 @@ def main(argv: list[str] | None = None) -> Generator:
                                           accelerator.device, args.num_audio_samples)
             accelerator.print(f"step {state.step}: validation mel L1 {val_error:.4f}")
             accelerator.log({"val/mel_error": val_error}, step=state.step)
-            log_media(accelerator, report_to, state.step, samples, config.sampling_rate)
+            names = [Path(row.audio_path).stem + (f" ({row.speaker})" if row.speaker else "")
+                     for row in val_set.rows[:len(samples)]]
+            log_media(accelerator, report_to, state.step, samples, config.sampling_rate, names)
         accelerator.wait_for_everyone()
 
     def export(folder: Path) -> None:  # the inference generator inside each checkpoint, for inference.py, --finetune

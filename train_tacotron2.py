@@ -1,6 +1,6 @@
 """Train Tacotron2 (text -> mel), the first half of the TTS pipeline whose second half is HiFi-GAN.
 
-    accelerate launch train_tacotron2.py --experiment_name tacotron2 --working_directory work_dir \
+    accelerate launch train_tacotron2.py --experiment_name tacotron2 --working_directory work_dir \\
         --path_to_train_manifest data/splits/train.csv --path_to_val_manifest data/splits/test.csv
 
 The targets are `utils.mel_spectrogram` of each wav (docs/design.md; `--mel_scale log` by default, the convention

@@ -328,10 +328,21 @@ class ManifestRow:
     audio_path: str
     transcript: str | None
     line: int  # 1-based line in the manifest, for error messages
+    speaker: str | None = None  # the manifest's optional `speaker` column
+
+
+def interleave_speakers(rows: list[ManifestRow]) -> list[int]:
+    """Indices of `rows` taking each speaker's clips in turn (every speaker's first clip, then every second, ...),
+    each speaker's in manifest order: any prefix covers as many speakers as it can. One speaker: the manifest order."""
+    by_speaker: dict[str | None, list[int]] = {}
+    for index, row in enumerate(rows):
+        by_speaker.setdefault(row.speaker, []).append(index)
+    return [index for group in itertools.zip_longest(*by_speaker.values()) for index in group if index is not None]
 
 
 def read_manifest(path: str | os.PathLike, check_files: bool = True) -> list[ManifestRow]:
-    """Rows of a manifest: a CSV with a `file_path` header (prep_splits.py) or LJSpeech's metadata.csv.
+    """Rows of a manifest: a CSV with a `file_path` header (prep_splits.py; optional `normalized_transcript` and
+    `speaker` columns) or LJSpeech's metadata.csv.
 
     Relative paths resolve against the manifest's folder. With check_files, a missing audio file is
     reported at once, naming the row, the file and the manifest.
@@ -353,7 +364,8 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> list[Man
                 if not file_path:
                     raise UserError(f"{path}, line {line}: empty file_path; fix or remove the row")
                 transcript = record.get("normalized_transcript") or record.get("transcript")
-                rows.append(ManifestRow(str(folder / file_path), transcript, line))
+                speaker = (record.get("speaker") or "").strip() or None
+                rows.append(ManifestRow(str(folder / file_path), transcript, line, speaker))
         elif "|" in first:
             # LJSpeech metadata.csv: id|transcript|normalized transcript, audio in wavs/<id>.wav.
             for line, text in enumerate(handle, start=1):

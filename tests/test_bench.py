@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow
 
 TRAINING_KEYS = {"model", "batch", "segment", "path", "seconds_per_step", "steps_per_s", "samples_per_s",
                  "speedup_vs_plain", "peak_memory_gb", "first_step_s", "all_finite", "log_mel_l1_vs_plain"}
-INFERENCE_KEYS = {"model", "weights", "batch", "audio_s", "path", "plain_xrt", "fast_xrt", "speedup",
-                  "log_mel_l1_vs_plain", "compile_s"}
+INFERENCE_KEYS = {"model", "weights", "parameters", "sampling_rate", "batch", "audio_s", "path", "plain_xrt",
+                  "fast_xrt", "speedup", "log_mel_l1_vs_plain", "compile_s"}
 
 
 def positive(value) -> bool:
@@ -65,7 +65,31 @@ def test_quick_bench(tmp_path):
     # The printed tables carry the same columns.
     for header in ("| model | batch × samples | path | s/step | steps/s | samples/s | peak memory | speed-up | "
                    "log-mel L1 vs plain | finite losses |",
-                   "| model (weights) | batch | fast path | plain ×RT | fast ×RT | speed-up | log-mel L1 vs plain |",
+                   "| model (weights, parameters, rate) | batch | fast path | plain ×RT | fast ×RT | speed-up | "
+                   "log-mel L1 vs plain |",
                    "machine: "):
         assert header in result.stdout
     assert result.stdout.count("| onnx fp32 |") == 6
+
+
+def test_bench_sample_rate_presets(tmp_path):
+    """--presets: the other rates' generators, each with its parameter count and rate, on audio at its rate."""
+    from model import build_generator
+
+    output = tmp_path / "bench.json"
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    command = [sys.executable, "bench.py", "--quick", "--skip_training", "--no_onnx", "--rounds", "1",
+               "--presets", "16khz,44khz", "--output", str(output)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(output.read_text())["inference"]
+    assert {row["model"] for row in rows} == {"16khz", "44khz"}
+    for row in rows:
+        generator = build_generator(row["model"])
+        assert row["parameters"] == sum(p.numel() for p in generator.parameters())
+        assert row["sampling_rate"] == generator.config.sampling_rate
+        assert positive(row["fast_xrt"]) and row["audio_s"] == pytest.approx(0.5 * row["batch"], abs=0.05)
+
+    bad = subprocess.run([*command[:-4], "--presets", "v1,96khz"], cwd=REPO, capture_output=True, text=True,
+                         timeout=HANG_TIMEOUT)
+    assert bad.returncode == 2 and "unknown 96khz" in bad.stderr

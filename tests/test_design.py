@@ -62,3 +62,19 @@ def test_comments_point_to_files_the_repo_has():
             continue
         assert "DESIGN.md" not in path.read_text(), f"{path.name} points to a DESIGN.md the repo does not have"
     assert (REPO / "docs" / "design.md").is_file()
+
+
+def test_every_entry_point_help_reads_right():
+    """--help of every script: its usage example keeps its line breaks (a lone backslash at a docstring's line end
+    would join two lines) and no flag says its default twice."""
+    import re
+    import subprocess
+    import sys
+
+    for script in sorted(ENTRY_POINTS):
+        result = subprocess.run([sys.executable, f"{script}.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, (script, result.stderr[-2000:])
+        description = result.stdout.split("\noptions:")[0]  # (an option's help may start with another flag)
+        assert not re.search(r"\S {4,}--\w", description), (script, "a usage example lost a line break")
+        assert not re.search(r"\(default[^)]*\)\s*\(default", result.stdout), (script, "a default said twice")

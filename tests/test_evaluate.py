@@ -21,7 +21,8 @@ from utils import UserError
 TINY = TINY_CONFIG
 # Columns every synthesised system fills on aligned mels, whatever its quality (PESQ and F0 RMSE may be
 # legitimately undefined for a random generator's output).
-ALWAYS_DEFINED = ["DNSMOS P.808", "DNSMOS overall", "log-mel L1", "MCD (dB)", "STOI", "V/UV error", "RTF"]
+ALWAYS_DEFINED = ["DNSMOS P.808", "DNSMOS overall", "log-mel L1", "MCD (dB)", "STOI", "V/UV error", "RTF",
+                  "× real time"]
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -29,9 +30,13 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def test_tiny_checkpoint_and_griffin_lim_end_to_end(tmp_path, tiny_corpus, tiny_checkpoint):
+def test_tiny_checkpoint_and_griffin_lim_end_to_end(tmp_path, tiny_corpus, tiny_checkpoint, monkeypatch):
     _, test_manifest = tiny_corpus
     output = tmp_path / "eval"
+    tracked = []  # pitch tracks: the reference's once per clip, then one per synthesised system and clip
+    track = evaluate.metrics.f0_track
+    monkeypatch.setattr(evaluate.metrics, "f0_track",
+                        lambda audio, rate: tracked.append(len(audio)) or track(audio, rate))
     results = evaluate.main(["--manifest", str(test_manifest), "--vocoder", f"tiny={tiny_checkpoint}",
                              "--griffin_lim", "--device", "cpu", "--output_dir", str(output)])
 
@@ -54,11 +59,45 @@ def test_tiny_checkpoint_and_griffin_lim_end_to_end(tmp_path, tiny_corpus, tiny_
     for system in ("tiny", "griffin_lim"):
         assert sorted(p.name for p in (output / system).glob("*.wav")) == ["test_000.wav", "test_001.wav"]
     assert len(read_csv(output / "results_per_clip.csv")) == 2 * 3
+    assert not (output / "results_per_speaker.csv").exists()  # one speaker: the overall row says it all
+    assert len(tracked) == 2 + 2 * 2
+    for row in systems:  # the conventional RTF and its inverse
+        assert row["RTF"] == pytest.approx(1 / row["× real time"])
     # every system is compared with the recording at the recording's level (peak 0.5, not normalised to 0.95)
     recorded, _ = sf.read(test_manifest.parent / "wavs" / "test_000.wav", dtype="float32")
     resynthesised, _ = sf.read(output / "griffin_lim" / "test_000.wav", dtype="float32")
     assert abs(np.abs(recorded).max() - 0.5) < 0.01
     assert 0.75 < resynthesised.std() / recorded[:len(resynthesised)].std() < 1.3
+
+
+def test_per_speaker_means(tmp_path, tiny_corpus):
+    """A manifest with a speaker column: each system's means per speaker beside the overall one."""
+    _, test_manifest = tiny_corpus
+    rows = read_csv(test_manifest)
+    manifest = tmp_path / "speakers.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file_path", "normalized_transcript", "speaker"])
+        for row, speaker in zip(rows, ["anna", "bert"]):
+            writer.writerow([str(test_manifest.parent / row["file_path"]), row["normalized_transcript"], speaker])
+    output = tmp_path / "eval"
+    results = evaluate.main(["--manifest", str(manifest), "--griffin_lim", "--griffin_lim_iters", "4",
+                             "--device", "cpu", "--output_dir", str(output)])
+
+    per_clip = read_csv(output / "results_per_clip.csv")
+    assert {(row["clip"], row["speaker"]) for row in per_clip} == {("test_000", "anna"), ("test_001", "bert")}
+    per_speaker = read_csv(output / "results_per_speaker.csv")
+    assert [(row["system"], row["speaker"], row["clips"]) for row in per_speaker] == [
+        ("ground truth", "anna", "1"), ("ground truth", "bert", "1"), ("griffin_lim", "anna", "1"),
+        ("griffin_lim", "bert", "1")]
+    # one clip per speaker: each speaker's mean is that clip's score, and the overall mean is their mean
+    clip_scores = {(row["system"], row["speaker"]): float(row["log-mel L1"]) for row in per_clip
+                   if row["system"] == "griffin_lim"}
+    for row in per_speaker[2:]:
+        assert float(row["log-mel L1"]) == pytest.approx(clip_scores[(row["system"], row["speaker"])])
+    overall = next(row for row in results if row["system"] == "griffin_lim")["log-mel L1"]
+    assert overall == pytest.approx(sum(clip_scores.values()) / 2)
+    assert "Per speaker (2 speakers" in (output / "results.md").read_text()
 
 
 def test_tacotron2_teacher_forced_and_free_running_mels(tmp_path, tiny_corpus, tiny_checkpoint):

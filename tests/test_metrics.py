@@ -100,6 +100,12 @@ def test_f0_rmse_in_cents_of_pure_tones():
     rmse, vuv = metrics.f0_rmse_and_vuv(tone(150), tone(300), RATE)
     assert rmse == pytest.approx(1200.0, abs=30.0)  # an octave is 1200 cents
     assert vuv < 0.05
+    # the reference tracked once and handed in scores the same, also against a slightly longer output
+    reference_track = metrics.f0_track(tone(150), RATE)
+    assert metrics.f0_rmse_and_vuv(tone(150), tone(300), RATE, reference_track) == (rmse, vuv)
+    longer = np.concatenate([tone(300), tone(300)[:RATE // 50]])
+    rmse_longer, vuv_longer = metrics.f0_rmse_and_vuv(tone(150), longer, RATE, reference_track)
+    assert rmse_longer == pytest.approx(rmse, abs=5.0) and vuv_longer < 0.05
 
 
 def test_dnsmos_warns_once_and_returns_none_without_the_package(monkeypatch, clip):

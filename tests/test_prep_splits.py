@@ -190,13 +190,17 @@ def test_too_large_test_size_is_a_one_line_error(fake_ljspeech: Path, tmp_path: 
     assert not (tmp_path / "train.csv").exists()
 
 
-def test_missing_metadata_and_missing_wav_are_one_line_errors(tmp_path: Path) -> None:
+def test_missing_metadata_is_a_one_line_error_and_a_missing_wav_is_left_out(tmp_path: Path) -> None:
     assert_one_line_error(run_prep("--path_to_ljspeech", tmp_path / "nowhere", "--path_to_save", tmp_path / "out"),
                           "metadata.csv", "--download")
     corpus = make_fake_ljspeech(tmp_path / "LJSpeech-1.1", num_clips=4)
     (corpus / "wavs" / "LJ001-0003.wav").unlink()
-    assert_one_line_error(run_prep("--path_to_ljspeech", corpus, "--path_to_save", tmp_path / "out"),
-                          "LJ001-0003.wav", "line 3")
+    done = run_prep("--path_to_ljspeech", corpus, "--path_to_save", tmp_path / "out", "--split", "random")
+    assert done.returncode == 0, done.stderr
+    # Reported with its row, and the other three clips split.
+    assert "left out 1 clip(s) (1 missing)" in done.stdout and "LJ001-0003.wav (line 3): missing" in done.stdout
+    train, test, _ = read_split(tmp_path / "out")
+    assert sorted(ids(train + test)) == ["LJ001-0001", "LJ001-0002", "LJ001-0004"]
 
 
 def test_download_without_network_says_to_fetch_by_hand(tmp_path: Path) -> None:
