@@ -5,8 +5,9 @@ match NVIDIA's (NVIDIA/tacotron2 `text/`, after keithito/tacotron) symbol for sy
 `tacotron2_statedict.pt` reads the wrong rows. `text_to_sequence` reproduces theirs exactly (the
 fixture `english_cleaners_text_to_sequence` pins it), with three deliberate differences:
 
-- no `unidecode` / `inflect` dependencies: ASCII transliteration is Unicode NFKD plus a small table,
-  and numbers are spelled out here (the same words inflect gives, for every number inflect accepts);
+- ASCII transliteration is `unidecode`'s, as in NVIDIA's `convert_to_ascii` (Cyrillic, Greek and CJK become
+  Latin letters rather than vanishing); no `inflect` dependency: numbers are spelled out here (the same words
+  inflect gives, for every number inflect accepts);
 - '£' survives transliteration so that "£5" becomes "five pounds" (unidecode turned it into "PS",
   which made NVIDIA's own pound rule dead code), and a number too large for inflect is read digit by
   digit instead of raising;
@@ -18,8 +19,9 @@ Like NVIDIA's, no end-of-sequence token is appended, and characters outside the 
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Callable, Iterable, Sequence
+
+from unidecode import unidecode
 
 from utils import UserError
 
@@ -178,16 +180,6 @@ def normalize_numbers(text: str) -> str:
 # Cleaners
 # ---------------------------------------------------------------------------------------------
 
-# Characters NFKD does not decompose into ASCII, spelled as unidecode spells them. '£' is kept so
-# that the pound rule of `normalize_numbers` can see it.
-_TRANSLITERATION = str.maketrans({
-    "ß": "ss", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O", "đ": "d", "Đ": "D",
-    "ł": "l", "Ł": "L", "þ": "th", "Þ": "Th", "ð": "d", "Ð": "D", "ı": "i",
-    "‘": "'", "’": "'", "‚": "'", "‛": "'", "′": "'", "“": '"', "”": '"', "„": '"', "″": '"',
-    "–": "-", "‐": "-", "‑": "-", "‒": "-", "—": "--", "―": "--", "«": "<<", "»": ">>",
-    "€": "EUR", "¥": "Y=", "¢": "C/", "©": "(c)", "®": "(r)", "×": "x", "÷": "/", "±": "+-",
-})
-
 _whitespace_re = re.compile(r"\s+")
 
 _abbreviations = [(re.compile(rf"\b{abbreviation}\.", re.IGNORECASE), expansion) for abbreviation, expansion in [
@@ -199,9 +191,9 @@ _abbreviations = [(re.compile(rf"\b{abbreviation}\.", re.IGNORECASE), expansion)
 
 
 def convert_to_ascii(text: str) -> str:
-    """Transliterate to ASCII ('£' excepted); characters with no ASCII reading are dropped."""
-    text = unicodedata.normalize("NFKD", text.translate(_TRANSLITERATION))
-    return "".join(c for c in text if c.isascii() or c == "£")
+    """Transliterate to ASCII with unidecode, as NVIDIA's front end does, except that '£' is kept so that the pound
+    rule of `normalize_numbers` can see it."""
+    return "£".join(unidecode(part) for part in text.split("£"))
 
 
 def expand_abbreviations(text: str) -> str:

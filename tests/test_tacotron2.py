@@ -21,7 +21,7 @@ from tacotron2 import (
     symbols,
     text_to_sequence,
 )
-from tacotron2.text import cardinal, english_cleaners, normalize_numbers, ordinal
+from tacotron2.text import cardinal, english_cleaners, normalize_numbers, ordinal, transliteration_cleaners
 from utils import UserError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -106,8 +106,15 @@ def test_english_cleaners_abbreviations_case_ascii_and_whitespace():
     assert english_cleaners("Straße Ærø") == "strasse aero"
 
 
+def test_other_scripts_are_transliterated_like_nvidias_front_end():
+    """NVIDIA's convert_to_ascii is unidecode: Cyrillic, Greek and CJK become Latin letters, not nothing."""
+    assert transliteration_cleaners("Привет, Ελλάδα! Café Zürich 東京") == "privet, ellada! cafe zurich dong jing "
+    assert sequence_to_text(text_to_sequence("a日本b")) == "ari ben b"
+    assert english_cleaners("It costs £5.") == "it costs five pounds."  # '£' still reaches the pound rule
+
+
 def test_unknown_characters_are_dropped_not_fatal():
-    assert sequence_to_text(text_to_sequence("a#b日本c<d>e%_f")) == "abcdef"
+    assert sequence_to_text(text_to_sequence("a#bc<d>e%_f")) == "abcdef"
     assert text_to_sequence("") == []
     with pytest.raises(UserError, match="unknown text cleaner"):
         text_to_sequence("hi", ("klingon_cleaners",))
@@ -241,7 +248,7 @@ def test_infer_takes_text_through_the_english_front_end():
         alignments = model.infer(text, cleaners=("basic_cleaners",))[3]
     assert alignments.shape[2] == len(text_to_sequence(text, ("basic_cleaners",))) != len(tokens)
     with pytest.raises(UserError, match="has no symbol"):
-        model.infer("日本語")
+        model.infer("#%&<>")
 
 
 def test_prenet_dropout_stays_on_in_eval_mode():
