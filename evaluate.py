@@ -38,6 +38,10 @@ REFERENCE_COLUMNS = ["log-mel L1", "MCD (dB)", "PESQ-WB", "STOI", "F0 RMSE (cent
 # RTF as ESPnet and ParallelWaveGAN print it: compute seconds per second of audio (lower is better); × real time is
 # its inverse.
 SPEED_COLUMNS = ["RTF", "× real time"]
+# The reference columns compare magnitudes with the recording's: Griffin-Lim starts from exactly those magnitudes and
+# none of them hears its phase artefacts, so they rank it above neural vocoders that listeners prefer. The markdown
+# marks them (†) and says so under the table; the MOS predictors come first because they rank as listeners do.
+FAVOUR_MAGNITUDE_INVERSION = "†"
 CLIP_COLUMNS = [*MOS_COLUMNS, *REFERENCE_COLUMNS]  # what each clip gets; speed is measured per system
 COLUMNS = ["system", *CLIP_COLUMNS, *SPEED_COLUMNS]
 DECIMALS = {"log-mel L1": 3, "STOI": 3, "V/UV error": 3, "F0 RMSE (cents)": 1, "RTF": 4, "× real time": 1}
@@ -265,6 +269,11 @@ def format_cell(column: str, value: str | float | None, use_utmos: bool) -> str:
     return f"{value:.{DECIMALS.get(column, 2)}f}"
 
 
+def markdown_header(columns: list[str]) -> str:
+    names = [f"{c} {FAVOUR_MAGNITUDE_INVERSION}" if c in REFERENCE_COLUMNS else c for c in columns]
+    return "| " + " | ".join(names) + " |"
+
+
 def write_tables(results: list[dict], output_dir: Path, use_utmos: bool, mel_source: str, num_clips: int) -> str:
     """Write results.md and results.csv; return the markdown."""
     with open(output_dir / "results.csv", "w", newline="") as handle:
@@ -273,14 +282,19 @@ def write_tables(results: list[dict], output_dir: Path, use_utmos: bool, mel_sou
         # Missing values are empty cells: what spreadsheets and pandas read as missing.
         writer.writerows({column: "" if row.get(column) is None else row[column] for column in COLUMNS}
                          for row in results)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "| --- |" + " ---: |" * (len(COLUMNS) - 1)]
+    lines = [markdown_header(COLUMNS), "| --- |" + " ---: |" * (len(COLUMNS) - 1)]
     lines += ["| " + " | ".join(format_cell(column, row.get(column), use_utmos) for column in COLUMNS) + " |"
               for row in results]
     lines += ["", f"{num_clips} clips, {mel_source}. Higher is better for the MOS columns, PESQ-WB (1.04-4.64), "
               "STOI (0-1) and × real time (seconds of audio per second of compute); lower is better for "
               "log-mel L1, MCD, F0 RMSE (over frames voiced in both), V/UV error and RTF (seconds of compute per "
               "second of audio). n/a: not defined for that row (reference metrics of the recordings themselves, or of "
-              "unaligned free-running mels)."]
+              "unaligned free-running mels).",
+              "", f"{FAVOUR_MAGNITUDE_INVERSION} Compared with the recording's spectrum, these reward reproducing the "
+              "magnitudes the mel describes, which Griffin-Lim inverts directly, and are blind to the phase artefacts "
+              "listeners hear: they can rank Griffin-Lim above a neural vocoder that sounds far better. Rank "
+              "vocoders by the MOS columns; use these to compare neural vocoders with each other and to catch level, "
+              "alignment or pitch errors."]
     markdown = "\n".join(lines) + "\n"
     (output_dir / "results.md").write_text(markdown)
     return markdown
@@ -313,7 +327,7 @@ def write_per_speaker(per_clip: dict[str, list[dict]], output_dir: Path, use_utm
         writer.writeheader()
         writer.writerows({c: "" if row.get(c) is None else row[c] for c in columns} for row in rows)
     lines = ["", f"Per speaker ({len(speakers)} speakers; means over each speaker's clips):", "",
-             "| " + " | ".join(columns) + " |", "| --- | --- |" + " ---: |" * (len(columns) - 2)]
+             markdown_header(columns), "| --- | --- |" + " ---: |" * (len(columns) - 2)]
     lines += ["| " + " | ".join([row["system"], row["speaker"], str(row["clips"])] +
                                 [format_cell(c, row.get(c), use_utmos) for c in columns[3:]]) + " |" for row in rows]
     markdown = "\n".join(lines) + "\n"

@@ -86,33 +86,68 @@ def log_mel_l1(reference: np.ndarray | torch.Tensor, degraded: np.ndarray | torc
     return float(torch.mean(torch.abs(mels[0] - mels[1])))
 
 
-def _mel_cepstra(audio: np.ndarray, sampling_rate: int, num_coefficients: int) -> np.ndarray:
-    """Mel-frequency cepstra c_1..c_D of the natural-log mel magnitude spectrum -> [frames, D]."""
-    from scipy.fft import dct
-    log_mel = mel_spectrogram(torch.from_numpy(audio), sampling_rate=sampling_rate, n_fft=1024, num_mels=80,
-                              hop_size=256, window_size=1024, fmin=0.0, fmax=None).numpy()
-    # Scale the unnormalised DCT-II so that log S(m) = c_0 + 2 * sum_d c_d cos(pi d (m + 1/2) / M): the
-    # cosine-series cepstrum the classic MCD formula (Kubichek 1993) assumes.
-    cepstra = dct(log_mel, type=2, axis=0, norm=None) / (2 * log_mel.shape[0])
-    return cepstra[1:num_coefficients + 1].T
+# Mel-cepstrum order and all-pass constant per sampling rate, as ESPnet's MCD uses them (the constant is the one whose
+# frequency warping best follows the mel scale at that rate); other rates take the nearest.
+MCEP_PARAMETERS = {16000: (23, 0.42), 22050: (34, 0.45), 24000: (34, 0.46), 44100: (39, 0.53), 48000: (39, 0.55)}
+MCEP_POWER_FLOOR = 1e-10  # -100 dB: a digitally silent frame gets a flat spectrum, not log(0)
+
+
+def frequency_warp(cepstrum: np.ndarray, order: int, alpha: float) -> np.ndarray:
+    """Cepstrum [..., M1 + 1] -> mel-cepstrum [..., order + 1] with all-pass constant `alpha` (SPTK's freqt).
+
+    Both follow SPTK's one-sided convention, ln|H(e^jw)| = sum_m c(m) cos(m w); the mel-cepstrum's cosines run on the
+    warped frequency b(w) = w + 2 atan(alpha sin w / (1 - alpha cos w)) instead of w. The recursion is the all-pass
+    filter bank of Oppenheim and Johnson (1972), run from the highest input coefficient down.
+    """
+    beta = 1.0 - alpha * alpha
+    warped = np.zeros((*cepstrum.shape[:-1], order + 1))
+    for i in range(cepstrum.shape[-1] - 1, -1, -1):
+        previous = warped.copy()
+        warped[..., 0] = cepstrum[..., i] + alpha * previous[..., 0]
+        if order >= 1:
+            warped[..., 1] = beta * previous[..., 0] + alpha * previous[..., 1]
+        for j in range(2, order + 1):
+            warped[..., j] = previous[..., j - 1] + alpha * (previous[..., j] - warped[..., j - 1])
+    return warped
+
+
+def mel_cepstrum(power_spectrum: np.ndarray, order: int, alpha: float) -> np.ndarray:
+    """Power spectra [..., n_fft / 2 + 1] -> mel-cepstra [..., order + 1] (SPTK's convention, as pysptk's sp2mc):
+    the real cepstrum of the log amplitude, made one-sided, then frequency-warped."""
+    cepstrum = np.fft.irfft(np.log(np.maximum(power_spectrum, MCEP_POWER_FLOOR)), axis=-1)
+    # irfft of ln|X|^2 is twice the two-sided cepstrum of ln|X|: one-sided, that is c(m) for 0 < m < n/2, and twice
+    # c(0) and c(n/2), which appear once.
+    half = cepstrum[..., :cepstrum.shape[-1] // 2 + 1].copy()
+    half[..., 0] /= 2.0
+    half[..., -1] /= 2.0
+    return frequency_warp(half, order, alpha)
+
+
+def _mel_cepstra(audio: np.ndarray, sampling_rate: int) -> np.ndarray:
+    """Mel-cepstra c_1..c_M (c_0, the loudness, left out) of Hann-windowed ~46 ms frames, hop a quarter:
+    [frames, M]."""
+    rate = min(MCEP_PARAMETERS, key=lambda known: abs(known - sampling_rate))
+    order, alpha = MCEP_PARAMETERS[rate]
+    n_fft = 2 ** round(math.log2(0.046 * sampling_rate))
+    spectrum = torch.stft(torch.from_numpy(audio).double(), n_fft, n_fft // 4, window=torch.hann_window(n_fft,
+                          dtype=torch.float64), center=True, pad_mode="reflect", return_complex=True)
+    power = (spectrum.abs() ** 2).numpy().T  # [frames, n_fft / 2 + 1]
+    return mel_cepstrum(power, order, alpha)[:, 1:]
 
 
 def mel_cepstral_distortion(reference: np.ndarray | torch.Tensor, degraded: np.ndarray | torch.Tensor,
-                            sampling_rate: int, num_coefficients: int = 13, use_dtw: bool = False) -> float:
-    """Mel cepstral distortion in dB, averaged over frames.
+                            sampling_rate: int, use_dtw: bool = False) -> float:
+    """Mel-cepstral distortion in dB as papers report it (Kubichek 1993; ESPnet's and SPTK's mel-cepstrum).
 
-    Variant: cepstra c_1..c_13 (c_0, the loudness, excluded) of the natural-log 80-band Slaney mel
-    magnitude spectrum (utils.mel_spectrogram, 1024-point FFT, hop 256, 0 Hz to sr/2), and per frame
-    MCD = 10/ln(10) * sqrt(2 * sum_d (c_d - c'_d)^2). Frames are paired one to one, since a vocoder's
-    output is sample-aligned with its reference; `use_dtw=True` aligns them by dynamic time warping
-    first (for outputs that are not aligned, e.g. free-running TTS). Every frame counts, silence included
-    (silent frames of both signals sit on the same log floor and add 0).
+    Per frame MCD = 10/ln(10) * sqrt(2 * sum_{m=1..M} (c_m - c'_m)^2), averaged over frames, on the mel-cepstra of
+    `mel_cepstrum` (order M and all-pass constant by rate, MCEP_PARAMETERS: 34 and 0.45 at 22.05 kHz), c_0 excluded.
+    Frames are paired one to one, since a vocoder's output is sample-aligned with its reference; `use_dtw=True`
+    aligns them by dynamic time warping first (for outputs that are not aligned, e.g. free-running TTS).
     """
     reference, degraded = _as_numpy(reference), _as_numpy(degraded)
     if not use_dtw:
         reference, degraded = _pair(reference, degraded)
-    ref_cep = _mel_cepstra(reference, sampling_rate, num_coefficients)
-    deg_cep = _mel_cepstra(degraded, sampling_rate, num_coefficients)
+    ref_cep, deg_cep = _mel_cepstra(reference, sampling_rate), _mel_cepstra(degraded, sampling_rate)
     if use_dtw:
         import librosa
         _, path = librosa.sequence.dtw(X=ref_cep.T, Y=deg_cep.T, metric="euclidean")

@@ -62,6 +62,34 @@ def test_more_noise_scores_worse_on_every_metric(clip):
     assert perfect["vuv"] <= light["vuv"] < heavy["vuv"]
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.45, 0.55])
+def test_mel_cepstrum_recovers_the_warped_cosine_series_it_was_built_from(alpha):
+    """The SPTK definition, written out independently: ln|H(w)| = sum_m c(m) cos(m b(w)) on the all-pass-warped
+    frequency b(w); the analysis must give c back (alpha 0: the plain cepstrum)."""
+    order = 12
+    mel_cepstrum = np.random.default_rng(1).normal(0, 0.3, order + 1) / (1 + np.arange(order + 1))
+    w = np.linspace(0, np.pi, 2049)
+    warped = w + 2 * np.arctan(alpha * np.sin(w) / (1 - alpha * np.cos(w)))
+    log_amplitude = np.cos(np.outer(warped, np.arange(order + 1))) @ mel_cepstrum
+    recovered = metrics.mel_cepstrum(np.exp(2 * log_amplitude), order, alpha)
+    np.testing.assert_allclose(recovered, mel_cepstrum, atol=1e-9)
+
+
+def test_mcd_is_the_papers_scale_and_ignores_loudness(clip):
+    """c_0 is excluded: a gain changes nothing. A signal whose log amplitude spectrum is tilted by exactly one
+    mel-cepstral coefficient, c(1) = 0.1, is 10/ln(10) * sqrt(2) * 0.1 = 0.614 dB away (up to frame windowing)."""
+    assert metrics.mel_cepstral_distortion(clip, 0.5 * clip, RATE) == pytest.approx(0.0, abs=1e-6)
+    alpha = metrics.MCEP_PARAMETERS[22050][1]
+    n_fft = 1024
+    spectrum = np.fft.rfft(clip)
+    w = np.linspace(0, np.pi, len(spectrum))
+    warped = w + 2 * np.arctan(alpha * np.sin(w) / (1 - alpha * np.cos(w)))
+    tilted = np.fft.irfft(spectrum * np.exp(0.1 * np.cos(warped)), n=len(clip)).astype(np.float32)
+    expected = 10 / math.log(10) * math.sqrt(2) * 0.1
+    assert n_fft == 2 ** round(math.log2(0.046 * RATE))
+    assert metrics.mel_cepstral_distortion(clip, tilted, RATE) == pytest.approx(expected, rel=0.05)
+
+
 def test_lengths_are_cropped_to_the_shorter_and_tensors_accepted(clip):
     longer = np.concatenate([clip, noisy(np.zeros(300, dtype=np.float32), 0.3)])
     assert metrics.log_mel_l1(torch.from_numpy(longer), clip, CONFIG) == 0.0
