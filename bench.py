@@ -11,7 +11,8 @@ and the plain-trained generators (same initial weights, same batch) make of the 
 Inference: ×real-time of V1, V2 and V3 (--presets all: every sample-rate preset too, with its parameter count)
 on a 10-second utterance at batch 1 and at a throughput batch (4 on a
 CPU, 16 on a GPU). Plain = weight norm live, fp32, no_grad; fast = weight norm folded + inference_mode in fp32,
-bf16 autocast (and fp16 on a GPU), torch.compile with --compile, and ONNX Runtime on a CPU. Quality cost:
+bf16 autocast (and fp16 on a GPU), torch.compile with --compile, and ONNX Runtime (its CUDA provider on a GPU,
+where onnxruntime-gpu is installed). Quality cost:
 log-mel L1 between each fast output and the plain output for the same weights and input.
 
 Warm-up runs are excluded. Every round times the plain path and each fast path back to back, so each speed-up
@@ -158,10 +159,13 @@ def inference_paths(generator: Generator, device: torch.device, use_compile: boo
     if use_compile:  # exact in fp32; each its own compiled module (autocast would otherwise force recompiles)
         paths["compiled fp32"] = fast(None, torch.compile(folded))
         paths["compiled bf16"] = fast(torch.bfloat16, torch.compile(folded))
-    if device.type == "cpu" and onnx_dir is not None:
+    if onnx_dir is not None:
         from vocoding import export_onnx, onnx_session
-        session = onnx_session(export_onnx(folded, onnx_dir / "generator.onnx"), threads=torch.get_num_threads())
-        paths["onnx fp32"] = lambda mel: torch.from_numpy(session.run(["audio"], {"mel": mel.numpy()})[0])
+        session = onnx_session(export_onnx(folded, onnx_dir / "generator.onnx"), threads=torch.get_num_threads(),
+                               device=device)
+        # (on a GPU the mel goes through host memory, as it would for a caller holding numpy arrays)
+        paths["onnx fp32"] = lambda mel: torch.from_numpy(session.run(["audio"], {"mel": mel.cpu().numpy()})[0]).to(
+            mel.device)
     return paths
 
 
@@ -314,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip_training", action="store_true")
     parser.add_argument("--wav", help="inference input: this recording, looped (default: a synthetic speech-like "
                         "signal); with --checkpoint, the quality column is then what a listener would hear")
-    parser.add_argument("--no_onnx", action="store_true", help="skip the ONNX Runtime column (CPU only anyway)")
+    parser.add_argument("--no_onnx", action="store_true", help="skip the ONNX Runtime column")
     parser.add_argument("--output", "--json", default="bench_results.json", help="where the JSON goes")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -344,10 +348,15 @@ def main(argv: list[str] | None = None) -> None:
         print()
     print(f"Inference: ×real-time ({QUICK_SECONDS if args.quick else 10}-second utterances), plain = weight norm live, "
           "fp32, no_grad; speed-up = median of per-round ratios")
-    use_onnx = device.type == "cpu" and not args.no_onnx
+    use_onnx = not args.no_onnx
     if use_onnx and not all(importlib.util.find_spec(name) for name in ("onnxruntime", "onnxscript")):
         print("(no ONNX column: the export needs onnx and onnxscript, running it onnxruntime)")
         use_onnx = False
+    elif use_onnx and device.type == "cuda":
+        import onnxruntime
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            print("(no ONNX column: onnxruntime has no CUDA provider here; pip install onnxruntime-gpu)")
+            use_onnx = False
     print("| model (weights, parameters, rate) | batch | fast path | plain ×RT | fast ×RT | speed-up | "
           "log-mel L1 vs plain |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -180,7 +180,9 @@ def export(args: argparse.Namespace) -> None:
         raise UserError("--export_onnx needs --checkpoint: the generator to export")
     generator = load_vocoder(args.checkpoint, args.config)
     path = export_onnx(generator, args.export_onnx, args.onnx_opset)
-    session = onnx_session(path)
+    # The check runs where the model will: onnxruntime's CUDA provider for --device cuda.
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    session = onnx_session(path, device=device)
     mel = torch.randn(2, generator.config.num_mels, 37, generator=torch.Generator().manual_seed(0)) + silence_level(
         generator.config) / 2  # arbitrary, but with a batch and a length other than the exported example's
     with torch.inference_mode():

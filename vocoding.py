@@ -192,9 +192,10 @@ def export_onnx(generator: Generator, path: str | os.PathLike, opset: int | None
     return path
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None):
-    """An onnxruntime InferenceSession (CPU) of a model written by export_onnx; threads: intra-op threads
-    (None: onnxruntime's default, one per core)."""
+def onnx_session(path: str | os.PathLike, threads: int | None = None, device: str | torch.device = "cpu"):
+    """An onnxruntime InferenceSession of a model written by export_onnx, on the CPU or, for a CUDA device, on
+    onnxruntime's CUDA provider (the onnxruntime-gpu package); threads: intra-op CPU threads (None: onnxruntime's
+    default, one per core)."""
     try:
         import onnxruntime
     except ImportError:
@@ -207,8 +208,16 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None):
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads is not None:
         options.intra_op_num_threads = threads
+    device = torch.device(device)
+    providers: list = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise UserError(f"ONNX on {device} needs onnxruntime's CUDA provider, which this onnxruntime lacks "
+                            f"(it has {', '.join(onnxruntime.get_available_providers())}): pip install "
+                            "onnxruntime-gpu in place of onnxruntime, or run ONNX on the CPU")
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
     try:
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(str(path), options, providers=providers)
     except Exception as error:  # onnxruntime raises its own InvalidProtobuf, Fail, ...
         message = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UserError(f"{path} is not a readable ONNX model ({message})") from None

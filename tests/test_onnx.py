@@ -100,6 +100,32 @@ def test_not_an_onnx_generator(tmp_path, tiny_onnx):
         vocoding.vocode_onnx(session, torch.zeros(40, 10))
 
 
+def test_cuda_device_uses_the_cuda_provider_or_says_what_to_install(tiny_onnx, monkeypatch):
+    import onnxruntime
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(UserError, match="pip install onnxruntime-gpu"):
+        vocoding.onnx_session(tiny_onnx, device="cuda")
+    # With the CUDA provider present, a session on cuda:1 asks for it first, on that device, with the CPU behind.
+    asked = {}
+
+    class Session:
+        def __init__(self, path, options, providers):
+            asked["providers"] = providers
+            self.real = real_session(path, options, providers=["CPUExecutionProvider"])
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    real_session = onnxruntime.InferenceSession
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Session)
+    vocoding.onnx_session(tiny_onnx, device="cuda:1")
+    assert asked["providers"] == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    vocoding.onnx_session(tiny_onnx)
+    assert asked["providers"] == ["CPUExecutionProvider"]
+
+
 def test_cli_export_rejects_vocoding_flags(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         inference.parse_args(["--checkpoint", "x", "--export_onnx", "x.onnx", "--input", "a.npy"])
