@@ -6,9 +6,11 @@
         --text "Printing, in the only sense with which we are at present concerned." --output_dir out/
     python inference.py --vocoder griffin_lim --config v1 --input clip.wav --output_dir out/   # the baseline
     python inference.py --checkpoint work_dir/hifigan --export_onnx hifigan.onnx              # for ONNX Runtime
+    python inference.py --checkpoint work_dir/hifigan --push_to_hub owner/name                # to the HF Hub
 
 `--checkpoint` takes this repo's export (a folder with generator.safetensors + config.json: a run folder or a
-checkpoint_<step> folder) or an official jik876 generator file (generator_v1, g_02500000, ...). Every input
+checkpoint_<step> folder; or one on the Hugging Face Hub, hf://owner/name) or an official jik876 generator file
+(generator_v1, g_02500000, ...). Every input
 becomes `<output_dir>/<stem>.wav` (text: text_000.wav, ...), 16-bit at the model's sample rate.
 The vocoding itself (chunking, batching, Griffin-Lim, ONNX, mels from wavs and text) lives in vocoding.py.
 """
@@ -27,6 +29,7 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
+import hub
 from model import HifiGanConfig, resolve_config
 from tacotron2 import load_tacotron2
 from tacotron2.teacher_forcing import text_to_mel
@@ -157,12 +160,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--export_onnx", metavar="PATH", help="write the --checkpoint generator (weight norm folded, "
                         "dynamic batch and frames) as an ONNX model to PATH, check it against PyTorch, and exit")
     parser.add_argument("--onnx_opset", type=int, help="ONNX opset for --export_onnx (default: the exporter's)")
+    parser.add_argument("--push_to_hub", metavar="OWNER/NAME", help="upload the --checkpoint export (a run or "
+                        "checkpoint folder) to this Hugging Face Hub model repo with a model card, and exit; load it "
+                        "back with --checkpoint hf://OWNER/NAME")
+    parser.add_argument("--private", action="store_true", help="--push_to_hub: create the repo private")
     args = parser.parse_args(argv)
     has_source = bool(args.input or args.text or args.text_file)
-    if args.export_onnx:
-        if has_source or args.output_dir:
-            parser.error("--export_onnx exports and exits: give it --checkpoint (and --config), "
-                         "not --input/--text/--text_file/--output_dir")
+    if args.export_onnx or args.push_to_hub:
+        flag = "--export_onnx" if args.export_onnx else "--push_to_hub"
+        if has_source or args.output_dir or (args.export_onnx and args.push_to_hub):
+            parser.error(f"{flag} exports and exits: give it --checkpoint (and --config), "
+                         "not --input/--text/--text_file/--output_dir or the other export")
     elif not has_source:
         parser.error("one of the arguments --input --text --text_file is required")
     elif not args.output_dir:
@@ -193,9 +201,21 @@ def export(args: argparse.Namespace) -> None:
           f"mel [2, {generator.config.num_mels}, 37]: {difference:.2e}")
 
 
+def push(args: argparse.Namespace) -> None:
+    """--push_to_hub: the export folder as it is (weights, config.json) plus a model card."""
+    if not args.checkpoint or not Path(args.checkpoint).is_dir():
+        raise UserError(f"--push_to_hub needs --checkpoint with an export folder (a run or checkpoint_<step> folder), "
+                        f"got {args.checkpoint!r}")
+    load_vocoder(args.checkpoint)  # refuse what would not load back
+    print(f"pushed {args.checkpoint} to {hub.push(args.checkpoint, args.push_to_hub, private=args.private)}")
+
+
 def run(args: argparse.Namespace) -> None:
     if args.export_onnx:
         export(args)
+        return
+    if args.push_to_hub:
+        push(args)
         return
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device

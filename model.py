@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
+import hub
 from utils import MelConfig, UserError, mel_spectrogram
 
 if TYPE_CHECKING:  # train_step only calls methods of the Accelerator it is given
@@ -581,10 +582,13 @@ def load_generator(path: str | os.PathLike, config: HifiGanConfig | dict | str |
                    device: str | torch.device = "cpu") -> Generator:
     """A ready Generator in eval mode from this repo's export or an official jik876 generator file.
 
-    Repo export: a folder (or its `generator.safetensors`) with `config.json` beside it. Official file
-    (`g_XXXXXXXX`, `generator_v1`): {"generator": state_dict}; with config=None the preset is guessed
-    from the tensor shapes and announced. A `config` (preset name, dict, dataclass, json path) overrides.
+    Repo export: a folder (or its `generator.safetensors`) with `config.json` beside it, or a Hugging Face Hub repo
+    holding one, `hf://owner/name[@revision]` (hub.py). Official file (`g_XXXXXXXX`, `generator_v1`):
+    {"generator": state_dict}; with config=None the preset is guessed from the tensor shapes and announced. A
+    `config` (preset name, dict, dataclass, json path) overrides.
     """
+    if hub.is_hub_id(path):
+        path = hub.download(str(path))
     path = Path(path)
     if path.is_dir():
         path = path / "generator.safetensors"

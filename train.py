@@ -23,6 +23,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+import hub
 from dataset import MelDataset
 from model import (
     PRESETS,
@@ -148,7 +149,10 @@ CHECKPOINT_FILES = state_files(["generator", "mpd", "msd"], ["generator", "discr
 
 
 def load_pretrained(path: str, generator: Generator, mpd: torch.nn.Module, msd: torch.nn.Module) -> str:
-    """Start weights for --finetune: a run or checkpoint of this repo, a generator export, or official g_/do_ files."""
+    """Start weights for --finetune: a run or checkpoint of this repo, a generator export (also on the Hub,
+    hf://owner/name), or official g_/do_ files."""
+    if hub.is_hub_id(path):
+        path = hub.download(path)
     path = pretrained_checkpoint(path)  # a run folder: its newest checkpoint has the discriminators too
     if path.is_dir() and (path / COMPLETE_MARKER).exists():  # a checkpoint_<step> folder of this repo
         from safetensors.torch import load_file
