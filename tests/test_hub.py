@@ -16,16 +16,13 @@ from conftest import REPO, TINY_CONFIG, shared_path
 
 import hub
 import inference
-from model import build_generator, load_generator, save_generator
+from model import build_generator, load_generator
 from utils import UserError
 
 
-@pytest.fixture(scope="module")
-def export(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("export")
-    save_generator(build_generator(TINY_CONFIG), folder)
-    return folder
+@pytest.fixture
+def export(tiny_checkpoint) -> Path:  # a TINY_CONFIG generator exported as train.py exports one
+    return tiny_checkpoint
 
 
 def random_mel(frames: int = 20) -> torch.Tensor:
