@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--griffin_lim", action="store_true", help="add Griffin-Lim as a baseline system")
     add("--griffin_lim_iters", type=int, default=60)
     add("--max_clips", type=int, help="score only the first N clips of the manifest")
-    add("--utmos_checkpoint", help="UTMOS weights or SpeechMOS torch-hub folder (default: the torch-hub cache)")
+    add("--utmos_checkpoint", help="the UTMOS22-strong weights, utmos22_strong_step7459_v1.pt (README: UTMOS), or "
+                                   "a folder holding it (default: torch.hub.get_dir()/checkpoints/)")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add("--output_dir", required=True)
     return parser.parse_args(argv)

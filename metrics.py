@@ -2,8 +2,8 @@
 
 Reference-based metrics compare a degraded (vocoded) signal with the recording it came from:
 log-mel L1, mel cepstral distortion, PESQ-WB, STOI, F0 RMSE and voicing error. MOS predictors score
-one signal alone: DNSMOS (offline, the `speechmos` package's ONNX models) and UTMOS (only when its
-weights are already on disk; they live on a hub, docs/design.md §8).
+one signal alone: DNSMOS (offline, the `speechmos` package's ONNX models) and UTMOS22 strong (utmos.py, this repo's
+port, from a weights file on disk).
 
 Every function takes numpy arrays or tensors, crops the pair to the shorter length (a vocoder returns
 frames * hop samples, a few fewer than the recording), and never returns NaN: where a metric is
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import utmos as utmos22
 from model import HifiGanConfig
 from utils import UserError, mel_spectrogram
 
@@ -30,8 +31,6 @@ SILENCE_PEAK = 1e-4
 METRIC_RATE = 16000
 # pyin's search range: covers low male voices to high children's voices.
 F0_MIN, F0_MAX = 50.0, 600.0
-UTMOS_HUB_PREFIX = "tarepan_SpeechMOS_"  # torch.hub cache folder of github.com/tarepan/SpeechMOS
-UTMOS_WEIGHTS = "utmos22_strong_step7459_v1.pt"  # the file its hubconf downloads into <hub>/checkpoints
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,61 +279,39 @@ def dnsmos(audio: np.ndarray | torch.Tensor, sampling_rate: int) -> dict[str, fl
     return {key: float(scores[f"{key}_mos"]) for key in ("p808", "sig", "bak", "ovrl")}
 
 
-def find_utmos(checkpoint: str | None = None) -> tuple[Path, Path | None] | None:
-    """Where UTMOS can be loaded from offline: (SpeechMOS hub repo folder, weights file or None), or None.
+def find_utmos(checkpoint: str | None = None) -> Path | None:
+    """The UTMOS22-strong weights file to use, or None when none is on disk (they cannot be fetched offline).
 
-    `checkpoint` may be the hub repo folder itself (its hubconf then finds the weights in the torch-hub
-    checkpoint cache) or a weights file (the model code then comes from the hub cache). Without it, both
-    must already sit in the torch-hub cache (`torch.hub.get_dir()`), as a first online
-    `torch.hub.load("tarepan/SpeechMOS:v1.2.0", "utmos22_strong", trust_repo=True)` leaves them.
+    `checkpoint`: the weights file, or a folder holding `utmos22_strong_step7459_v1.pt`. Without it, the file where
+    a first online `torch.hub.load("tarepan/SpeechMOS:v1.2.0", "utmos22_strong", trust_repo=True)` leaves it:
+    `torch.hub.get_dir()/checkpoints/`. utmos.py says where to download it.
     """
-    hub = Path(torch.hub.get_dir())
-    cached_repos = sorted(path for path in hub.glob(f"{UTMOS_HUB_PREFIX}*") if (path / "hubconf.py").is_file())
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
-        if path.is_dir() and (path / "hubconf.py").is_file():
-            return path, None
+        if path.is_dir():
+            path = path / utmos22.UTMOS_WEIGHTS
         if not path.is_file():
-            raise UserError(f"UTMOS checkpoint {path} does not exist; pass the SpeechMOS hub folder or "
-                            f"{UTMOS_WEIGHTS}")
-        if not cached_repos:
-            raise UserError(f"UTMOS weights {path} need the model code of github.com/tarepan/SpeechMOS: clone it "
-                            f"and pass that folder as --utmos_checkpoint (weights in {hub / 'checkpoints'})")
-        return cached_repos[-1], path
-    if cached_repos and (hub / "checkpoints" / UTMOS_WEIGHTS).is_file():
-        return cached_repos[-1], None
-    return None
+            raise UserError(f"UTMOS weights {path} do not exist; download {utmos22.UTMOS_URL} and pass the file as "
+                            "--utmos_checkpoint")
+        return path
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / utmos22.UTMOS_WEIGHTS
+    return cached if cached.is_file() else None
 
 
 @functools.lru_cache(maxsize=2)
-def _load_utmos(repo: Path, weights: Path | None) -> torch.nn.Module:
-    # source="local" never touches the network; the hubconf's own weight download is a no-op when the
-    # file is already in the hub checkpoint cache (find_utmos checked that, or weights are given).
-    if weights is None:
-        model = torch.hub.load(str(repo), "utmos22_strong", source="local", trust_repo=True)
-    else:
-        model = torch.hub.load(str(repo), "utmos22_strong", source="local", trust_repo=True, pretrained=False)
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return model.eval()
+def _load_utmos(weights: Path) -> torch.nn.Module:
+    return utmos22.load_utmos(weights)
 
 
 def utmos(audio: np.ndarray | torch.Tensor, sampling_rate: int, checkpoint: str | None = None) -> float | None:
-    """UTMOS-strong naturalness MOS (Saeki et al. 2022), only from weights already on disk (see find_utmos).
+    """UTMOS22-strong naturalness MOS (Saeki et al. 2022; utmos.py, this repo's port), about 1 to 5.
 
-    None when no weights are found: they are published on a hub and cannot be fetched offline. The
-    SpeechMOS hub code also imports torchaudio; a load failure is reported as a UserError.
+    None when no weights are on disk (see find_utmos) or the clip is shorter than the model's first frame.
     """
-    location = find_utmos(checkpoint)
-    if location is None:
+    weights = find_utmos(checkpoint)
+    if weights is None:
         return None
-    try:
-        model = _load_utmos(*location)
-    except Exception as error:  # hub code: missing torchaudio, mismatched weights, a network attempt...
-        raise UserError(f"cannot load UTMOS from {location[0]}: {error}") from None
-    wave = torch.from_numpy(_resample(_as_numpy(audio), sampling_rate))[None]
-    with torch.inference_mode():
-        try:
-            score = model(wave, METRIC_RATE)  # SpeechMOS >= 1.0: forward(wave, sr)
-        except TypeError:
-            score = model(wave)  # earlier versions took 16 kHz audio only
-    return float(score.detach().reshape(-1)[0])
+    wave = torch.from_numpy(_resample(_as_numpy(audio), sampling_rate)).float()[None]
+    if wave.shape[-1] < utmos22.MIN_SAMPLES:
+        return None
+    return float(utmos22.score(_load_utmos(weights), wave)[0])
