@@ -37,6 +37,7 @@ from utils import (
     UserError,
     read_manifest,
     save_audio,
+    show_warning_line,
 )
 from vocoding import (
     export_onnx,
@@ -178,10 +179,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def export(args: argparse.Namespace) -> None:
     """--export_onnx: write the model, then run it and PyTorch on the same random mel and print the difference."""
     if not args.checkpoint:
@@ -287,7 +284,7 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with warnings.catch_warnings():
-        warnings.showwarning = _show_warning  # one line, not the source line of the warning
+        warnings.showwarning = show_warning_line  # one line, not the source line of the warning
         try:
             run(args)
         except UserError as error:

@@ -31,8 +31,17 @@ class UserError(Exception):
     """A problem with the user's input (a file, a flag). Entry points print its one-line message and exit 1."""
 
 
+def show_warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning for scripts: `warning: <message>`, without the file, line and source the default prints;
+    through tqdm, so that it lands on its own line above a progress bar."""
+    from tqdm.auto import tqdm
+    tqdm.write(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def run_cli(main: Callable[[], object]) -> None:
-    """A script's entry point: a UserError ends it with its message and exit status 1, not a traceback."""
+    """A script's entry point: warnings in one line each, and a UserError ends it with its message and exit status 1,
+    not a traceback."""
+    warnings.showwarning = show_warning_line
     try:
         result = main()
     except UserError as error:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import REPO, TINY_CONFIG, shared_path
+from conftest import REPO, TINY_CONFIG, shared_path, synth_clip
 
 import evaluate
 from tacotron2 import Tacotron2, Tacotron2Config, save_tacotron2
@@ -176,3 +176,16 @@ def test_hifigan_v2_beats_griffin_lim_shared_fixture(tmp_path):
     assert 2.2 < hifigan["PESQ-WB"] < 3.6
     assert hifigan["STOI"] > 0.9
     assert hifigan["log-mel L1"] < 0.45
+
+
+def test_cli_warnings_are_one_line_each(tmp_path):
+    """A warning on the command line reads `warning: <message>`: no source file, line number or code line."""
+    sf.write(tmp_path / "clip16k.wav", synth_clip(0.6, 16000), 16000)  # load_audio warns that it resamples
+    (tmp_path / "test.csv").write_text("file_path\nclip16k.wav\n")
+    result = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--manifest", str(tmp_path / "test.csv"),
+                             "--griffin_lim", "--griffin_lim_iters", "2", "--device", "cpu", "--output_dir",
+                             str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    warned = [line for line in result.stderr.splitlines() if "resampling" in line]
+    assert warned and all(line.startswith("warning: ") for line in warned), result.stderr[-2000:]
+    assert "UserWarning" not in result.stderr and ".py:" not in result.stderr
