@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 
+import pytest
 from conftest import REPO
 
 ENTRY_POINTS = {"train", "train_tacotron2", "save_taco_mels", "inference", "evaluate", "bench", "prep_splits",
@@ -64,6 +65,7 @@ def test_comments_point_to_files_the_repo_has():
     assert (REPO / "docs" / "design.md").is_file()
 
 
+@pytest.mark.slow
 def test_every_entry_point_help_reads_right():
     """--help of every script: its usage example keeps its line breaks (a lone backslash at a docstring's line end
     would join two lines) and no flag says its default twice."""

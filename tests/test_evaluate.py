@@ -178,6 +178,7 @@ def test_hifigan_v2_beats_griffin_lim_shared_fixture(tmp_path):
     assert hifigan["log-mel L1"] < 0.45
 
 
+@pytest.mark.slow
 def test_cli_warnings_are_one_line_each(tmp_path):
     """A warning on the command line reads `warning: <message>`: no source file, line number or code line."""
     sf.write(tmp_path / "clip16k.wav", synth_clip(0.6, 16000), 16000)  # load_audio warns that it resamples

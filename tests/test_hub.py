@@ -60,6 +60,7 @@ def hub_cache(root: Path, export: Path, repo_id: str = "owner/voc") -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_hub_ids_load_from_the_cache_offline_everywhere_a_checkpoint_goes(tmp_path, export):
     cache = hub_cache(tmp_path / "cache", export)
     np.save(tmp_path / "mel.npy", random_mel(12)[0].numpy())
