@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import shared_path, synth_clip
+from conftest import SHARED, shared_path, synth_clip
 
 import utmos
 from utils import UserError
@@ -172,10 +172,12 @@ def test_a_bad_file_names_itself(tmp_path, content):
 
 
 def real_weights() -> Path:
-    for candidate in (os.environ.get("UTMOS_WEIGHTS"), Path(torch.hub.get_dir()) / "checkpoints" / utmos.UTMOS_WEIGHTS):
+    for candidate in (os.environ.get("UTMOS_WEIGHTS"), Path(torch.hub.get_dir()) / "checkpoints" / utmos.UTMOS_WEIGHTS,
+                      SHARED / "fixtures" / utmos.UTMOS_WEIGHTS):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
-    pytest.skip(f"no {utmos.UTMOS_WEIGHTS} ($UTMOS_WEIGHTS or the torch.hub checkpoint cache); see utmos.py")
+    pytest.skip(f"no {utmos.UTMOS_WEIGHTS} ($UTMOS_WEIGHTS, the torch.hub checkpoint cache or the shared fixtures); "
+                "see utmos.py")
 
 
 def test_real_weights_rank_real_speech_above_damaged_speech():
