@@ -185,6 +185,53 @@ def init_weights(module: nn.Module, mean: float = 0.0, std: float = 0.01) -> Non
         module.weight.data.normal_(mean, std)
 
 
+def conv(module: nn.Conv1d | nn.ConvTranspose1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 1-D convolution (or the period discriminators' (k, 1) Conv2d, a k-tap conv along time) to `x`:
+    [N, C, T] as usual, or [N, C, 1, T] in channels-last memory, where the same weights run as (1, k) 2-D kernels.
+
+    Why two layouts: in half precision cuDNN computes in channels-last (NHWC) and transposes every NCHW activation
+    in and out around each convolution -- thousands of transposes a training step. Keeping the activations
+    channels-last all the way through (`Generator.channels_last`, `channels_last(...)`) removes them; the numbers are
+    the same convolutions'."""
+    weight = module.weight
+    if weight.dim() == 4:  # (k, 1) Conv2d
+        weight = weight.squeeze(-1)
+    transposed = isinstance(module, nn.ConvTranspose1d)
+    stride, padding, dilation = module.stride[0], module.padding[0], module.dilation[0]
+    if x.dim() == 3:
+        if transposed:
+            return F.conv_transpose1d(x, weight, module.bias, stride, padding, module.output_padding[0],
+                                      module.groups, dilation)
+        return F.conv1d(x, weight, module.bias, stride, padding, dilation, module.groups)
+    weight = weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+    if transposed:
+        return F.conv_transpose2d(x, weight, module.bias, (1, stride), (0, padding), (0, module.output_padding[0]),
+                                  module.groups, (1, dilation))
+    return F.conv2d(x, weight, module.bias, (1, stride), (0, padding), (1, dilation), module.groups)
+
+
+def conv_fp32(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`conv` in float32 even under autocast: for the layers that read or write the waveform itself. In bf16 the
+    audio would carry 8 significant bits (a noise floor ~50 dB down, which the log-mel loss and the discriminators
+    would see); these layers have one channel on the waveform side and cost little in fp32."""
+    with torch.autocast(x.device.type, enabled=False):
+        return conv(module, x.float())
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, T] -> [N, C, 1, T] in channels-last memory (see `conv`)."""
+    return x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+
+
+def channels_last(*modules: nn.Module, enabled: bool = True) -> None:
+    """Run these networks' convolutions in channels-last memory (inputs and outputs keep their usual shapes):
+    the fast layout for bf16/fp16 on a GPU. Feature maps come out as [N, C, 1, T]; the losses only average them."""
+    for module in modules:
+        for sub in module.modules():
+            if hasattr(sub, "channels_last"):
+                sub.channels_last = enabled
+
+
 class ResBlock1(nn.Module):
     """MRF residual block, V1/V2 flavour: per dilation, a dilated conv then a plain conv."""
 
@@ -201,8 +248,8 @@ class ResBlock1(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for conv1, conv2 in zip(self.convs1, self.convs2):
-            xt = conv1(F.leaky_relu(x, LRELU_SLOPE))
-            xt = conv2(F.leaky_relu(xt, LRELU_SLOPE))
+            xt = conv(conv1, F.leaky_relu(x, LRELU_SLOPE))
+            xt = conv(conv2, F.leaky_relu(xt, LRELU_SLOPE))
             x = x + xt
         return x
 
@@ -218,8 +265,8 @@ class ResBlock2(nn.Module):
         self.convs.apply(init_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for conv in self.convs:
-            x = x + conv(F.leaky_relu(x, LRELU_SLOPE))
+        for layer in self.convs:
+            x = x + conv(layer, F.leaky_relu(x, LRELU_SLOPE))
         return x
 
 
@@ -244,18 +291,22 @@ class Generator(nn.Module):
         self.conv_post = weight_norm(nn.Conv1d(channels // 2 ** self.num_upsamples, 1, 7, 1, padding=3))
         self.ups.apply(init_weights)
         self.conv_post.apply(init_weights)
+        self.channels_last = False  # model.channels_last()
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        x = self.conv_pre(mel)
+        x = conv(self.conv_pre, to_channels_last(mel) if self.channels_last else mel)
         for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, LRELU_SLOPE))
+            x = conv(up, F.leaky_relu(x, LRELU_SLOPE))
             # Multi-receptive-field fusion: the average of parallel residual blocks with different kernels.
             blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
-            x = sum(block(x) for block in blocks) / self.num_kernels
+            fused = blocks[0](x)
+            for block in blocks[1:]:
+                fused += block(x)  # in place: sum() would start from 0 + tensor, one more pass over the activations
+            x = fused / self.num_kernels
         # The official model uses leaky_relu's default slope (0.01) here, not LRELU_SLOPE; keep it
         # so the published weights reproduce their audio.
-        x = self.conv_post(F.leaky_relu(x))
-        return torch.tanh(x)
+        x = conv_fp32(self.conv_post, F.leaky_relu(x))
+        return torch.tanh(x if x.dim() == 3 else x.squeeze(2))
 
     def remove_weight_norm(self) -> Generator:
         """Fold weight norm into plain weights (for inference and export); returns self."""
@@ -296,6 +347,7 @@ class DiscriminatorP(nn.Module):
             for c_in, c_out in itertools.pairwise(channels)])
         self.convs.append(weight_norm(nn.Conv2d(channels[-1], channels[-1], (kernel_size, 1), 1, padding=(2, 0))))
         self.conv_post = weight_norm(nn.Conv2d(channels[-1], 1, (3, 1), 1, padding=(1, 0)))
+        self.channels_last = False
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         feature_maps = []
@@ -304,13 +356,22 @@ class DiscriminatorP(nn.Module):
             pad = self.period - length % self.period
             x = F.pad(x, (0, pad), "reflect")
             length += pad
-        x = x.view(batch, channels, length // self.period, self.period)
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
+        # The official model convolves the [T / period, period] image with (k, 1) kernels: each of the `period`
+        # phases of the waveform on its own. Here the phases are folded into the batch and convolved as 1-D
+        # sequences with the same weights -- the same numbers, but long contiguous rows instead of an image a few
+        # samples wide, which is what convolution kernels are fast on (CPU and GPU; bench.py). The feature maps
+        # stay folded ([batch * period, channels, frames]): the losses only average over them.
+        x = x.view(batch, channels, length // self.period, self.period).permute(0, 3, 1, 2)
+        x = x.reshape(batch * self.period, channels, length // self.period)
+        if self.channels_last:
+            x = to_channels_last(x)
+        for i, layer in enumerate(self.convs):
+            x = F.leaky_relu((conv_fp32 if i == 0 else conv)(layer, x), LRELU_SLOPE)
             feature_maps.append(x)
-        x = self.conv_post(x)
+        x = conv(self.conv_post, x)
         feature_maps.append(x)
-        return torch.flatten(x, 1, -1), feature_maps
+        # The score in the official order (frame-major, then phase).
+        return x.view(batch, self.period, -1).transpose(1, 2).flatten(1), feature_maps
 
 
 class MultiPeriodDiscriminator(nn.Module):
@@ -340,13 +401,16 @@ class DiscriminatorS(nn.Module):
             norm(nn.Conv1d(c1024, c1024, 5, 1, padding=2)),
         ])
         self.conv_post = norm(nn.Conv1d(c1024, 1, 3, 1, padding=1))
+        self.channels_last = False
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         feature_maps = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
+        if self.channels_last and x.dim() == 3:
+            x = to_channels_last(x)
+        for i, layer in enumerate(self.convs):
+            x = F.leaky_relu((conv_fp32 if i == 0 else conv)(layer, x), LRELU_SLOPE)
             feature_maps.append(x)
-        x = self.conv_post(x)
+        x = conv(self.conv_post, x)
         feature_maps.append(x)
         return torch.flatten(x, 1, -1), feature_maps
 
@@ -409,13 +473,30 @@ def mel_loss(mel: torch.Tensor, mel_generated: torch.Tensor) -> torch.Tensor:
 # One training step (train.py, bench.py)
 # ---------------------------------------------------------------------------------------------
 
-def step_if_finite(accelerator: Accelerator, optimizer: torch.optim.Optimizer, finite: bool) -> None:
+def step_if_finite(accelerator: Accelerator, optimizer: torch.optim.Optimizer, finite: torch.Tensor
+                   ) -> torch.Tensor | bool:
+    """Step unless `finite` (a 0-d bool tensor) is False; returns whether it stepped.
+
+    Fused AdamW skips on the device: its kernel reads `found_inf` (the hook torch.amp.GradScaler uses), so the step
+    needs no host synchronisation and the result stays a tensor. Other optimisers, and fp16's GradScaler (which
+    sets `found_inf` itself), read the flag on the host."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+    if accelerator.scaler is None and getattr(inner, "_step_supports_amp_scaling", False) and \
+            inner.defaults.get("fused"):
+        inner.found_inf = (~finite).float()
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+        return finite
+    finite = bool(finite)
     if finite:
         optimizer.step()
     elif accelerator.scaler is not None:
         # fp16: step() is what updates the GradScaler; skipping it must still lower the loss scale, or the
         # next unscale_ finds the scaler stale and fails.
         accelerator.scaler.update()
+    return finite
 
 
 def train_step(accelerator: Accelerator, generator: torch.nn.Module, mpd: torch.nn.Module, msd: torch.nn.Module,
@@ -425,7 +506,9 @@ def train_step(accelerator: Accelerator, generator: torch.nn.Module, mpd: torch.
     """One HiFi-GAN step: discriminators, then generator (official order). Returns losses and grad norms.
 
     An optimiser whose loss or gradient norm is not finite does not step (its weights stay untouched);
-    `<name>_stepped` says which stepped. Gradients are all-reduced first, so every process agrees.
+    `<name>_stepped` says which stepped. Gradients are all-reduced first, so every process agrees. With fused
+    AdamW (train.py's) nothing here waits for the GPU: losses, norms and flags come back as device tensors, and the
+    caller fetches them when it logs.
     """
     audio = audio.unsqueeze(1)
     audio_generated = generator(mel)
@@ -440,8 +523,8 @@ def train_step(accelerator: Accelerator, generator: torch.nn.Module, mpd: torch.
     loss_disc = loss_disc + discriminator_loss(real, fake)
     accelerator.backward(loss_disc)
     grad_norm_d = accelerator.clip_grad_norm_(itertools.chain(mpd.parameters(), msd.parameters()), math.inf)
-    discriminator_stepped = bool(torch.isfinite(loss_disc.detach()) & torch.isfinite(grad_norm_d))
-    step_if_finite(accelerator, optim_d, discriminator_stepped)
+    discriminator_stepped = step_if_finite(accelerator, optim_d,
+                                           torch.isfinite(loss_disc.detach()) & torch.isfinite(grad_norm_d))
 
     # Generator step: adversarial + feature matching + mel L1, through the just-updated discriminators.
     # Their own gradients from this pass are thrown away (zeroed before the next discriminator step),
@@ -457,8 +540,8 @@ def train_step(accelerator: Accelerator, generator: torch.nn.Module, mpd: torch.
         loss_gen = loss_adv + lambda_feature_matching * loss_fm + lambda_mel * loss_mel
         accelerator.backward(loss_gen)
     grad_norm_g = accelerator.clip_grad_norm_(generator.parameters(), math.inf)
-    generator_stepped = bool(torch.isfinite(loss_gen.detach()) & torch.isfinite(grad_norm_g))
-    step_if_finite(accelerator, optim_g, generator_stepped)
+    generator_stepped = step_if_finite(accelerator, optim_g,
+                                       torch.isfinite(loss_gen.detach()) & torch.isfinite(grad_norm_g))
     optim_g.zero_grad(set_to_none=True)
     return {"loss_generator": loss_gen.detach(), "loss_discriminator": loss_disc.detach(),
             "loss_mel": loss_mel.detach(), "loss_feature_matching": loss_fm.detach(),

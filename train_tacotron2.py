@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> Tacotron2:
                         buffer.copy_(saved)
             scheduler.step()
             state.step += 1
-            step_log.count(state.step, [] if finite else ["optimiser"])
+            step_log.count(state.step, {"optimiser": finite})
             if step_log.due(state.step):
                 scalars = {"train/loss": loss.item(), "train/loss_mel": loss_mel.item(),
                            "train/loss_mel_postnet": loss_postnet.item(), "train/loss_gate": loss_gate.item(),
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> Tacotron2:
                            "train/epoch": epoch}
                 step_log.log(state.step, scalars, console_line, {"loss": f"{scalars['train/loss']:.4f}"})
             # The skipped steps left weights and optimiser state untouched: what gets saved is the last good state.
-            if run.after_step(step_log.too_many_nonfinite(args.max_nonfinite_steps, state.step)):
+            if run.after_step(step_log.too_many_nonfinite(args.max_nonfinite_steps)):
                 break
             fetch_start = time.perf_counter()
         else:

@@ -337,31 +337,57 @@ def start_trackers(accelerator: Accelerator, report_to: str | None, run_name: st
 class StepLog:
     """What both training loops do after each optimiser step: count non-finite steps (in a row, and in all), measure
     steps/s and the data loader's wait since the last log, and write scalars to the trackers every
-    `tracker_every` steps and a line to the console every `console_every` steps (main process only)."""
+    `tracker_every` steps and a line to the console every `console_every` steps (main process only).
+
+    The step flags may be device tensors: they are fetched together when the step is due for logging (or every
+    `SETTLE_EVERY` steps), so the loop never waits for the GPU to say whether a step was finite."""
+    SETTLE_EVERY = 50
 
     def __init__(self, accelerator: Accelerator, progress: tqdm, step: int, tracker_every: int, console_every: int):
         self.accelerator, self.progress = accelerator, progress
         self.tracker_every, self.console_every = tracker_every, console_every
         self.nonfinite_in_a_row = self.nonfinite_total = 0
+        self.pending: list[tuple[int, dict[str, torch.Tensor | bool]]] = []
+        self.streaks: list[tuple[int, int]] = []  # (step, non-finite steps in a row up to it), since the last check
         self.last_time, self.last_step, self.data_wait = time.perf_counter(), step, 0.0
 
-    def count(self, step: int, skipped: list[str]) -> None:
-        """Step `step` is done; `skipped` names the optimisers that a non-finite loss or gradient kept from stepping."""
+    def count(self, step: int, stepped: dict[str, torch.Tensor | bool]) -> None:
+        """Step `step` is done; `stepped` says, per optimiser, whether it stepped (False: a non-finite loss or
+        gradient kept it from stepping)."""
         self.progress.update(1)
-        if not skipped:
-            self.nonfinite_in_a_row = 0
-            return
-        self.nonfinite_in_a_row += 1
-        self.nonfinite_total += 1
-        self.accelerator.print(f"step {step}: non-finite loss or gradient, {' and '.join(skipped)} step skipped "
-                               f"({self.nonfinite_in_a_row} in a row)")
+        self.pending.append((step, stepped))
+        on_host = not any(isinstance(flag, torch.Tensor) for flag in stepped.values())
+        if on_host or self.due(step) or len(self.pending) >= self.SETTLE_EVERY:
+            self._settle()
 
-    def too_many_nonfinite(self, limit: int, step: int) -> str | None:
-        """The reason to stop once `limit` (> 0) steps in a row were skipped: the weights are still the last good."""
-        if 0 < limit <= self.nonfinite_in_a_row:
-            return (f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (the last at step "
-                    f"{step})")
-        return None
+    def _settle(self) -> None:
+        """Fetch the pending flags (one synchronisation) and account for each step in order."""
+        if not self.pending:
+            return
+        flags = [flag for _, stepped in self.pending for flag in stepped.values()]
+        device = next((flag.device for flag in flags if isinstance(flag, torch.Tensor)), "cpu")
+        values = torch.stack([torch.as_tensor(flag, device=device).reshape(()) for flag in flags]).tolist()
+        values = iter(values)
+        for step, stepped in self.pending:
+            skipped = [name for name in stepped if not next(values)]
+            if not skipped:
+                self.nonfinite_in_a_row = 0
+                continue
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            self.streaks.append((step, self.nonfinite_in_a_row))
+            self.accelerator.print(f"step {step}: non-finite loss or gradient, {' and '.join(skipped)} step skipped "
+                                   f"({self.nonfinite_in_a_row} in a row)")
+        self.pending = []
+
+    def too_many_nonfinite(self, limit: int) -> str | None:
+        """The reason to stop once `limit` (> 0) steps in a row were skipped: the weights are still the last good.
+        Known once the flags are fetched (at most SETTLE_EVERY steps later); the skipped steps changed nothing."""
+        streaks, self.streaks = self.streaks, []
+        over = next(((last, count) for last, count in streaks if 0 < limit <= count), None)
+        if over is None:
+            return None
+        return f"{over[1]} steps in a row had a non-finite loss or gradient (the last at step {over[0]})"
 
     def due(self, step: int) -> bool:
         return step % self.tracker_every == 0 or step % self.console_every == 0
@@ -465,3 +491,52 @@ class RunControl:
             accelerator.print(f"saved {self.last_saved} and the inference weights in {self.run_dir}")
         accelerator.end_training()
         return self.last_saved
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs
+# ---------------------------------------------------------------------------------------------
+
+class CudaGraphStep:
+    """A training step replayed as one CUDA graph: the host submits a whole step (~2 000 kernels for V1) with one
+    call, so the GPU never waits for Python between kernels.
+
+    The first `warmup` calls run eagerly on a side stream (capture needs initialised cuDNN/cuBLAS handles and
+    optimiser states); the next captures the step into static input buffers and replays it. Later calls copy their
+    inputs into those buffers and replay. `invalidate()` re-captures at the next call: needed whenever something
+    the captured kernels took as a launch argument changes, i.e. the learning rate (fused AdamW's `lr`). Needs fixed
+    input shapes (train.py's batches: drop_last, fixed segments), one process, and a step that never synchronises
+    with the host (model.train_step with fused AdamW and no fp16 GradScaler)."""
+
+    def __init__(self, step: Callable[..., dict], warmup: int = 2):
+        self.step, self.warmup = step, warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: list[torch.Tensor] = []
+        self.outputs: dict = {}
+
+    def invalidate(self) -> None:
+        self.graph = None
+
+    def __call__(self, *inputs: torch.Tensor) -> dict:
+        if self.warmup > 0:
+            self.warmup -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                outputs = self.step(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            return outputs
+        if self.graph is None or any(x.shape != s.shape for x, s in zip(inputs, self.inputs)):
+            self.graph = None  # frees the previous capture's memory before the new one takes its own
+            self.inputs = [x.clone() for x in inputs]
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: the DataLoader's pin-memory thread keeps pinning the next batches meanwhile, and in the
+            # default (global) mode its CUDA calls would invalidate this capture.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.outputs = self.step(*self.inputs)
+        else:
+            for static, x in zip(self.inputs, inputs):
+                static.copy_(x, non_blocking=True)
+        self.graph.replay()
+        # Copies: the next replay overwrites the static outputs, and the caller may keep these until it logs.
+        return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.outputs.items()}

@@ -123,3 +123,97 @@ def test_losses_have_the_lsgan_optimum():
     maps = [[torch.ones(2, 3), torch.zeros(2, 3)]]
     assert model.feature_matching_loss(maps, maps).item() == 0.0
     assert model.feature_matching_loss(maps, [[torch.zeros(2, 3), torch.zeros(2, 3)]]).item() == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast paths compute the same networks and step as the plain ones (CPU equivalence; the GPU speed is bench.py's)
+# ---------------------------------------------------------------------------------------------
+
+def test_period_discriminator_convolves_each_phase_as_the_official_2d_image_does():
+    torch.manual_seed(0)
+    discriminator = model.DiscriminatorP(3, width_divisor=8).eval()
+    audio = torch.randn(2, 1, 1000)  # 1000 % 3 != 0: the reflect padding too
+    score, feature_maps = discriminator(audio)
+    # The official computation: (k, 1) Conv2d over the [T / period, period] image, written out independently.
+    x = torch.nn.functional.pad(audio, (0, 2), "reflect").view(2, 1, 334, 3)
+    official_maps = []
+    for layer in discriminator.convs:
+        x = torch.nn.functional.leaky_relu(torch.nn.functional.conv2d(
+            x, layer.weight, layer.bias, layer.stride, layer.padding), model.LRELU_SLOPE)
+        official_maps.append(x)
+    x = torch.nn.functional.conv2d(x, discriminator.conv_post.weight, discriminator.conv_post.bias, 1, (1, 0))
+    official_maps.append(x)
+    torch.testing.assert_close(score, torch.flatten(x, 1), rtol=1e-5, atol=1e-6)
+    # Folded maps hold the same values, phase by phase (what the averaging losses see).
+    for folded, official in zip(feature_maps, official_maps):
+        torch.testing.assert_close(folded.view(2, 3, official.shape[1], -1).permute(0, 2, 3, 1), official,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_layout_computes_the_same_networks_and_losses():
+    torch.manual_seed(0)
+    generator = model.Generator(TINY).eval()
+    mpd, msd = MultiPeriodDiscriminator((2, 3), 8).eval(), MultiScaleDiscriminator(8).eval()
+    mel, audio = torch.randn(2, TINY.num_mels, 12), torch.randn(2, 1, 12 * TINY.hop_size).clamp(-1, 1)
+    plain = (generator(mel), mpd(audio, generator(mel)), msd(audio, generator(mel)))
+    model.channels_last(generator, mpd, msd)
+    fast = (generator(mel), mpd(audio, generator(mel)), msd(audio, generator(mel)))
+    assert fast[0].shape == plain[0].shape and fast[0].dim() == 3
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-5, atol=1e-6)
+    for plain_out, fast_out in zip(plain[1:], fast[1:]):
+        torch.testing.assert_close(fast_out[0], plain_out[0], rtol=1e-5, atol=1e-6)  # scores
+        assert fast_out[2][0][0].dim() == 4  # feature maps really were channels-last [N, C, 1, T]
+        torch.testing.assert_close(model.feature_matching_loss(fast_out[2], fast_out[3]),
+                                   model.feature_matching_loss(plain_out[2], plain_out[3]), rtol=1e-5, atol=1e-6)
+
+
+def _tiny_training(fused: bool):
+    import accelerate
+    torch.manual_seed(0)
+    generator = model.Generator(TINY)
+    mpd, msd = MultiPeriodDiscriminator((2, 3), 8), MultiScaleDiscriminator(8)
+    optim_g = torch.optim.AdamW(generator.parameters(), 2e-4, betas=(0.8, 0.99), fused=fused)
+    optim_d = torch.optim.AdamW([*mpd.parameters(), *msd.parameters()], 2e-4, betas=(0.8, 0.99), fused=fused)
+    return accelerate.Accelerator(cpu=True), generator, mpd, msd, optim_g, optim_d
+
+
+def test_fused_adamw_step_trains_like_the_plain_one_and_skips_nonfinite_steps_on_the_device():
+    from utils import mel_spectrogram
+    audio = 0.5 * torch.sin(torch.arange(2 * 2048).view(2, 2048) * 0.05)
+    mel = mel_spectrogram(audio, **TINY.mel_kwargs())
+    runs = {}
+    for fused in (False, True):
+        accelerator, generator, mpd, msd, optim_g, optim_d = _tiny_training(fused)
+        losses = [model.train_step(accelerator, generator, mpd, msd, optim_g, optim_d, mel, audio, mel,
+                                   TINY.mel_kwargs(for_loss=True)) for _ in range(3)]
+        runs[fused] = [float(result["loss_generator"]) for result in losses]
+        # the fused path's flags stay on the device (no host synchronisation inside the step)
+        assert isinstance(losses[-1]["generator_stepped"], torch.Tensor) == fused
+        before = {k: v.clone() for k, v in generator.state_dict().items()}
+        result = model.train_step(accelerator, generator, mpd, msd, optim_g, optim_d, mel * float("nan"), audio,
+                                  mel, TINY.mel_kwargs(for_loss=True))
+        assert not bool(result["generator_stepped"])
+        assert all(torch.equal(before[k], v) for k, v in generator.state_dict().items())
+        assert all(float(state["step"]) == 3 for state in optim_g.state.values())  # the skipped step is not counted
+    # Same losses to fp32 rounding after three steps (fused and foreach AdamW order their arithmetic differently).
+    assert runs[True] == pytest.approx(runs[False], rel=1e-4)
+
+
+def test_step_log_fetches_device_flags_in_batches_and_reports_each_skipped_step(capsys):
+    import accelerate
+    from tqdm import tqdm
+
+    from training import StepLog
+    accelerator = accelerate.Accelerator(cpu=True)
+    log = StepLog(accelerator, tqdm(disable=True), 0, tracker_every=4, console_every=4)
+    flags = [True, False, False, True]  # step 2 and 3 skipped by the generator
+    for step, good in enumerate(flags, 1):
+        log.count(step, {"discriminator": torch.tensor(True), "generator": torch.tensor(good)})
+        if step < 4:  # tensors wait for the step that is due for logging
+            assert log.pending and "non-finite" not in capsys.readouterr().out
+    assert not log.pending and log.nonfinite_total == 2 and log.nonfinite_in_a_row == 0
+    out = capsys.readouterr().out
+    assert "step 2: non-finite loss or gradient, generator step skipped (1 in a row)" in out
+    assert "step 3: non-finite loss or gradient, generator step skipped (2 in a row)" in out
+    assert log.too_many_nonfinite(2) == "2 steps in a row had a non-finite loss or gradient (the last at step 3)"
+    assert log.too_many_nonfinite(2) is None  # reported once
