@@ -449,7 +449,8 @@ def test_finetune_refuses_missing_mels_at_startup(tmp_path, tiny_corpus):
                "--finetune", "--path_to_saved_mels", str(tmp_path / "empty"), "--path_to_pretrained_weights",
                str(tmp_path), *TINY_FLAGS]
     result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 1 and "8 of 8 clips" in result.stderr and "save_taco_mels" in result.stderr
+    assert result.returncode == 1 and "8 bad rows" in result.stderr and "no train_000.npy in" in result.stderr
+    assert "save_taco_mels" in result.stderr
 
 
 def test_resume_with_another_batch_size_skips_the_clips_already_seen():
