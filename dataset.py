@@ -13,6 +13,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -95,6 +96,58 @@ def resample_once(rows: list, sampling_rate: int, cache_dir: str | os.PathLike) 
     return paths
 
 
+REPORT_LINES = 20  # bad rows listed in an error or warning; a longer list goes in full to a file
+
+
+def drop_bad_rows(rows: list, problems: list[tuple], manifest: str | os.PathLike, skip_bad_files: bool,
+                  report_dir: str | os.PathLike | None = None) -> list:
+    """All bad rows of a manifest in one report, before training: a UserError (fix them), or with `skip_bad_files`
+    a warning and the rows without them. `problems`: (row, reason), from any check (audio, saved mels).
+
+    More than REPORT_LINES rows: the message shows the first ones and names a file holding them all,
+    `<report_dir>/bad_rows_<manifest stem>.txt` (report_dir: the run folder; without one, a temporary file).
+    """
+    if not problems:
+        return rows
+    reasons: dict[int, list[str]] = {}
+    for row, reason in problems:
+        reasons.setdefault(id(row), []).append(reason)
+    bad = [row for row in rows if id(row) in reasons]
+    lines = [f"line {row.line}: {row.audio_path}: {'; '.join(reasons[id(row)])}" for row in bad]
+    kept = [row for row in rows if id(row) not in reasons]
+    if skip_bad_files:
+        header = f"--skip_bad_files: dropped {len(bad)} bad rows of {manifest}, kept {len(kept)}"
+    else:
+        header = f"{len(bad)} bad rows in {manifest} (fix them, or pass --skip_bad_files to drop them)"
+    shown = lines
+    if len(lines) > REPORT_LINES:
+        path = _write_report(header, lines, manifest, report_dir)
+        shown = [*lines[:REPORT_LINES], f"... and {len(lines) - REPORT_LINES} more: all {len(lines)} in {path}"]
+    report = f"{header}:\n  " + "\n  ".join(shown)
+    if not skip_bad_files:
+        raise UserError(report)
+    warnings.warn(report, stacklevel=3)
+    if not kept:
+        raise UserError(f"no usable rows left in {manifest}")
+    return kept
+
+
+def _write_report(header: str, lines: list[str], manifest: str | os.PathLike, report_dir) -> Path:
+    text = f"{header}:\n" + "\n".join(lines) + "\n"
+    name = f"bad_rows_{Path(manifest).stem}"
+    if report_dir is None:
+        handle, path = tempfile.mkstemp(prefix=f"{name}_", suffix=".txt")
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        return Path(path)
+    path = Path(report_dir) / f"{name}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # every process of a run writes the same list
+    partial.write_text(text)
+    os.replace(partial, path)
+    return path
+
+
 class MelDataset(Dataset):
     """Items are (mel [num_mels, frames], audio [samples], loss_mel [num_mels, frames]).
 
@@ -102,11 +155,14 @@ class MelDataset(Dataset):
     than that is zero-padded, not dropped. Pretraining crops at any sample (the mel is taken from the crop);
     with saved mels the crop starts on a frame boundary. train=False: whole utterances (trimmed to a whole
     number of hops), for validation. Clips at another sample rate are resampled once into `resample_cache`.
+    Bad rows (audio, and the saved mels) are all reported at once, before training (`drop_bad_rows`); a long list
+    goes in full to a file in `report_dir` (the run folder).
     """
 
     def __init__(self, manifest: str | os.PathLike, config: HifiGanConfig, segment_size: int = 8192,
                  train: bool = True, saved_mels_dir: str | os.PathLike | None = None, seed: int = 0,
-                 skip_bad_files: bool = False, resample_cache: str | os.PathLike | None = None):
+                 skip_bad_files: bool = False, resample_cache: str | os.PathLike | None = None,
+                 report_dir: str | os.PathLike | None = None):
         if segment_size % config.hop_size != 0:
             raise UserError(f"--segment_size {segment_size} must be a multiple of --hop_size {config.hop_size}")
         self.rows = read_manifest(manifest, check_files=False)
@@ -125,18 +181,8 @@ class MelDataset(Dataset):
             self.audio_peak, self.frame_shift = info["audio_peak"], int(info["frame_shift"])
         problems = check_audio_files(self.rows, min_seconds=config.hop_size / config.sampling_rate)
         if self.saved_mels_dir is not None:
-            problems += self._check_saved_mels({id(row) for row, _ in problems}, skip_bad_files)
-        report = "\n  ".join(f"line {row.line}: {row.audio_path}: {reason}" for row, reason in problems)
-        if problems and not skip_bad_files:
-            raise UserError(f"{len(problems)} bad rows in {manifest} (fix them, or pass --skip_bad_files to drop "
-                            f"them):\n  {report}")
-        if problems:
-            bad = {id(row) for row, _ in problems}
-            self.rows = [row for row in self.rows if id(row) not in bad]
-            warnings.warn(f"--skip_bad_files: dropped {len(problems)} bad rows of {manifest}, kept {len(self.rows)}:"
-                          f"\n  {report}", stacklevel=2)
-            if not self.rows:
-                raise UserError(f"no usable rows left in {manifest}")
+            problems += self._check_saved_mels({id(row) for row, _ in problems})
+        self.rows = drop_bad_rows(self.rows, problems, manifest, skip_bad_files, report_dir)
         # Clips at another rate: resampled once into the cache (train.py: <working_directory>/resampled/<rate>),
         # or, without a cache, on every read.
         self.audio_paths = ([row.audio_path for row in self.rows] if resample_cache is None
@@ -179,17 +225,18 @@ class MelDataset(Dataset):
             raise UserError(f"the mels in {self.saved_mels_dir} were made with {', '.join(changed)}; re-run "
                             "save_taco_mels.py with the vocoder's mel flags, or train with the mels' settings")
 
-    def _check_saved_mels(self, already_bad: set[int], skip_bad_files: bool) -> list[tuple]:
-        """At start-up, not mid-epoch: every clip has its .npy, with the frame count of its audio (±1) and only
-        finite values. Missing and misshapen mels stop the run here; with skip_bad_files, or for non-finite
-        values, they come back as (row, reason) problems, reported with the manifest's other bad rows."""
-        missing, mismatched, problems = [], [], []
+    def _check_saved_mels(self, already_bad: set[int]) -> list[tuple]:
+        """At start-up, not mid-epoch: every clip has its .npy, readable, with the vocoder's mel bands, the frame
+        count of its audio (±1) and only finite values. Returns a (row, reason) problem for each clip that does not,
+        reported with the manifest's other bad rows."""
+        problems = []
         rows = [row for row in self.rows if id(row) not in already_bad]
         for row in tqdm(rows, desc=f"checking the mels in {self.saved_mels_dir}", unit="mel", leave=False,
                         disable=len(rows) < 1000):
             path = self.saved_mels_dir / (Path(row.audio_path).stem + ".npy")
             if not path.is_file():
-                missing.append((row, path))
+                problems.append((row, f"no {path.name} in {self.saved_mels_dir}; run save_taco_mels.py on this "
+                                      "manifest"))
                 continue
             try:
                 mel = np.load(path, allow_pickle=False)
@@ -199,21 +246,12 @@ class MelDataset(Dataset):
             info = sf.info(row.audio_path)
             frames = round(info.frames * self.config.sampling_rate / info.samplerate) // self.config.hop_size
             if mel.ndim != 2 or mel.shape[0] != self.config.num_mels or abs(mel.shape[1] - frames) > 1:
-                mismatched.append((row, f"{path.name} {tuple(mel.shape)} vs {frames} frames"))
+                problems.append((row, f"{path.name} is {tuple(mel.shape)}, not [{self.config.num_mels} mels, "
+                                      f"{frames}±1 frames]; re-run save_taco_mels.py with the vocoder's mel settings"))
             elif not np.isfinite(mel).all():
                 # A NaN here would surface only as skipped steps hours later, when its crop comes up.
                 problems.append((row, f"{path.name} has {int((~np.isfinite(mel)).sum())} NaN/inf values; "
                                       "re-run save_taco_mels.py --overwrite"))
-        if skip_bad_files:
-            return problems + [(row, f"no mel {path.name}") for row, path in missing] + mismatched
-        if missing:
-            raise UserError(f"{len(missing)} of {len(self.rows)} clips of {self.manifest} have no mel in "
-                            f"{self.saved_mels_dir} (first: {', '.join(path.name for _, path in missing[:3])}); "
-                            "run save_taco_mels.py on this manifest")
-        if mismatched:
-            raise UserError(f"{len(mismatched)} mels in {self.saved_mels_dir} do not match their audio "
-                            f"[{self.config.num_mels}, frames] (first: {'; '.join(m for _, m in mismatched[:3])}); "
-                            "re-run save_taco_mels.py with the same mel settings")
         return problems
 
     def _mel(self, audio: torch.Tensor, for_loss: bool = False) -> torch.Tensor:

@@ -33,6 +33,7 @@ from model import (
     MultiPeriodDiscriminator,
     MultiScaleDiscriminator,
     channels_last,
+    from_official_names,
     load_discriminators,
     load_generator,
     resolve_config,
@@ -153,6 +154,12 @@ def build_config(args: argparse.Namespace) -> HifiGanConfig:
 # Which file of a checkpoint holds what (training.state_files): the order train.py prepares its objects in.
 CHECKPOINT_FILES = state_files(["generator", "mpd", "msd"], ["generator", "discriminators"],
                                ["generator", "discriminators"])
+# The models whose parameters each optimiser steps, in the order it lists them: main() builds the discriminators'
+# over mpd then msd, the official train.py over msd then mpd (itertools.chain(msd.parameters(), mpd.parameters())).
+# Within a model both list its parameters in its state dict's order (per conv: bias, weight_g, weight_v — this
+# repo's bias, original0, original1).
+OPTIMIZER_MODELS = {"generator": ("generator",), "discriminator": ("mpd", "msd")}
+OFFICIAL_OPTIMIZER_MODELS = {"generator": ("generator",), "discriminator": ("msd", "mpd")}
 
 
 def load_pretrained(path: str, generator: Generator, mpd: torch.nn.Module, msd: torch.nn.Module) -> str:
@@ -180,6 +187,52 @@ def load_pretrained(path: str, generator: Generator, mpd: torch.nn.Module, msd: 
     return f"generator from {path} (discriminators start fresh)"
 
 
+def official_parameter_shapes(state_dicts: dict[str, dict], models: tuple[str, ...]) -> dict[str, torch.Size]:
+    """{"<model>.<parameter>": shape} for the parameters of `models` (this repo's names), in the order an optimiser
+    over them lists them: model after model, each in its state dict's order; spectral norm's power-iteration vectors
+    are buffers, not parameters."""
+    shapes = {}
+    for model_name in models:
+        state_dict = from_official_names({k.removeprefix("module."): v for k, v in state_dicts[model_name].items()})
+        shapes.update({f"{model_name}.{key}": tensor.shape for key, tensor in state_dict.items()
+                       if not key.endswith((".weight.0._u", ".weight.0._v"))})
+    return shapes
+
+
+def official_optimizer_state(state: dict, state_dicts: dict[str, dict], name: str, optimizer: torch.optim.Optimizer,
+                             checkpoint: Path) -> dict:
+    """An official optimiser state (optim_g or optim_d of a do_ file) renumbered into this run's parameter order.
+
+    Each saved moment goes to the parameter of the same name (OFFICIAL_OPTIMIZER_MODELS -> OPTIMIZER_MODELS), and
+    every one is checked shape by shape: against the official tensor of that name, and against this run's parameter.
+    """
+    def refuse(reason: str) -> UserError:
+        return UserError(f"the {name} optimiser state in {checkpoint} belongs to another model ({reason}); use the "
+                         "model flags of the pretraining run, or finetune without --continue_optimizer_state")
+
+    official = list(official_parameter_shapes(state_dicts, OFFICIAL_OPTIMIZER_MODELS[name]).items())
+    ours = official_parameter_shapes(state_dicts, OPTIMIZER_MODELS[name])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if len(state["param_groups"]) != 1 or len(optimizer.param_groups) != 1:
+        raise refuse(f"{len(state['param_groups'])} parameter groups; the official optimisers have one")
+    saved_ids = state["param_groups"][0]["params"]
+    if not len(saved_ids) == len(official) == len(params):
+        raise refuse(f"{len(saved_ids)} parameters saved, {len(official)} in its weights, {len(params)} here")
+    for (key, shape), param in zip(ours.items(), params):
+        if tuple(shape) != tuple(param.shape):
+            raise refuse(f"{key} is {tuple(shape)} there, {tuple(param.shape)} here")
+    position = {key: i for i, key in enumerate(ours)}
+    moved = {}
+    for saved_id, (key, shape) in zip(saved_ids, official):
+        if saved_id not in state["state"]:
+            continue  # a parameter that never had a gradient
+        moment = state["state"][saved_id].get("exp_avg")
+        if moment is not None and tuple(moment.shape) != tuple(shape):
+            raise refuse(f"its moment for {key} is {tuple(moment.shape)}, the weight {tuple(shape)}")
+        moved[position[key]] = state["state"][saved_id]
+    return {"state": moved, "param_groups": [{**state["param_groups"][0], "params": list(range(len(params)))}]}
+
+
 def pretrained_checkpoint(path: str | os.PathLike) -> Path:
     """A run folder's newest complete checkpoint; any other path as it is."""
     path = Path(path)
@@ -201,13 +254,17 @@ def continue_optimizer_state(path: str, optimizers: tuple[torch.optim.Optimizer,
         states = [torch.load(checkpoint / files[f"{kind}_{name}"], map_location="cpu", weights_only=True)
                   for kind in ("optimizer", "scheduler") for name in ("generator", "discriminators")]
         optimizer_states, scheduler_states = states[:2], states[2:]
-    elif checkpoint.name.startswith("g_") and (checkpoint.parent / checkpoint.name.replace("g_", "do_", 1)).exists():
-        official = torch.load(checkpoint.parent / checkpoint.name.replace("g_", "do_", 1), map_location="cpu",
-                              weights_only=True)
+    elif checkpoint.name.startswith("g_") and (do_file := checkpoint.with_name("do_" + checkpoint.name[2:])).exists():
+        official = torch.load(do_file, map_location="cpu", weights_only=True)
         if not {"optim_g", "optim_d", "epoch"} <= set(official):
-            raise UserError(f"{checkpoint.parent / checkpoint.name.replace('g_', 'do_', 1)} has no optimiser state "
-                            "(keys optim_g, optim_d, epoch); finetune without --continue_optimizer_state")
-        optimizer_states = [official["optim_g"], official["optim_d"]]
+            raise UserError(f"{do_file} has no optimiser state (keys optim_g, optim_d, epoch); finetune without "
+                            "--continue_optimizer_state")
+        # The official optimisers list their parameters in another order than this run's: matched by name.
+        state_dicts = {"generator": torch.load(checkpoint, map_location="cpu", weights_only=True)["generator"],
+                       "mpd": official["mpd"], "msd": official["msd"]}
+        optimizer_states = [official_optimizer_state(official[key], state_dicts, name, optimizer, do_file)
+                            for key, name, optimizer in zip(("optim_g", "optim_d"), ("generator", "discriminator"),
+                                                            optimizers)]
         scheduler_states = [{"last_epoch": official["epoch"], "_step_count": official["epoch"] + 1,
                              "base_lrs": [group["initial_lr"] for group in state["param_groups"]],
                              "_last_lr": [group["lr"] for group in state["param_groups"]]}
@@ -332,7 +389,7 @@ def main(argv: list[str] | None = None) -> Generator:
     # Clips at another sample rate are resampled once, shared by every run in the working directory; the main
     # process writes the copies while the others wait, then find them.
     data = {"config": config, "segment_size": args.segment_size, "saved_mels_dir": saved_mels, "seed": args.seed,
-            "skip_bad_files": args.skip_bad_files,
+            "skip_bad_files": args.skip_bad_files, "report_dir": run_dir,
             "resample_cache": Path(args.working_directory) / "resampled" / str(config.sampling_rate)}
     with accelerator.main_process_first():
         train_set = MelDataset(args.path_to_train_manifest, train=True, **data)

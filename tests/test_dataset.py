@@ -83,16 +83,52 @@ def test_teacher_forced_mels_are_cropped_in_alignment(tmp_path):
     assert torch.allclose(loss_mel, mel_spectrogram(audio, **CONFIG.mel_kwargs(for_loss=True)))
 
 
-def test_teacher_forced_mels_missing_or_misaligned_stop_at_startup(tmp_path):
+def test_every_bad_teacher_forced_mel_is_listed_in_one_report_at_startup(tmp_path):
     clip = synth_clip(1.0)
-    manifest = manifest_for(tmp_path, {"a": (clip, 22050, "PCM_16"), "b": (clip, 22050, "PCM_16")})
+    frames = len(clip) // 256
+    names = ("good", "missing", "bands", "frames", "nan", "no_audio")
+    manifest = manifest_for(tmp_path, {name: (clip, 22050, "PCM_16") for name in names})
+    (tmp_path / "wavs" / "no_audio.wav").unlink()
     (tmp_path / "mels").mkdir()
-    np.save(tmp_path / "mels" / "a.npy", np.zeros((80, len(clip) // 256), np.float32))
-    with pytest.raises(UserError, match=r"1 of 2 clips .* no mel .*b\.npy.*save_taco_mels"):
+    np.save(tmp_path / "mels" / "good.npy", np.zeros((80, frames), np.float32))
+    np.save(tmp_path / "mels" / "bands.npy", np.zeros((100, frames), np.float32))
+    np.save(tmp_path / "mels" / "frames.npy", np.zeros((80, frames + 5), np.float32))
+    np.save(tmp_path / "mels" / "nan.npy", np.full((80, frames), np.nan, np.float32))
+    # one report, every kind of problem, each row named with its line, file and fix (the audio's problem too)
+    with pytest.raises(UserError) as error:
         MelDataset(manifest, CONFIG, 8192, saved_mels_dir=tmp_path / "mels")
-    np.save(tmp_path / "mels" / "b.npy", np.zeros((80, len(clip) // 256 + 5), np.float32))
-    with pytest.raises(UserError, match=r"1 mels .* do not match .*b\.npy"):
-        MelDataset(manifest, CONFIG, 8192, saved_mels_dir=tmp_path / "mels")
+    lines = str(error.value).splitlines()
+    assert lines[0] == f"5 bad rows in {manifest} (fix them, or pass --skip_bad_files to drop them):"
+    assert [line.split(":")[0].strip() for line in lines[1:]] == [f"line {n}" for n in (3, 4, 5, 6, 7)]
+    assert "missing.wav: no missing.npy in" in lines[1] and "run save_taco_mels.py on this manifest" in lines[1]
+    assert f"bands.npy is (100, {frames}), not [80 mels, {frames}±1 frames]" in lines[2]
+    assert f"frames.npy is (80, {frames + 5})" in lines[3] and "nan.npy has" in lines[4] and "NaN/inf" in lines[4]
+    assert "no_audio.wav: file does not exist" in lines[5]
+    with pytest.warns(UserWarning, match="dropped 5 bad rows") as record:
+        dataset = MelDataset(manifest, CONFIG, 8192, saved_mels_dir=tmp_path / "mels", skip_bad_files=True)
+    assert [row.audio_path for row in dataset.rows] == [str(tmp_path / "wavs" / "good.wav")]
+    assert str(record[0].message).count("\n  line ") == 5
+
+
+def test_more_bad_rows_than_a_screenful_go_to_a_file_in_the_run_folder(tmp_path):
+    clip = synth_clip(0.05)
+    manifest = manifest_for(tmp_path, {f"c{i:02d}": (clip, 22050, "PCM_16") for i in range(30)})
+    (tmp_path / "mels").mkdir()
+    np.save(tmp_path / "mels" / "c00.npy", np.zeros((80, len(clip) // 256), np.float32))
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError) as error:
+        MelDataset(manifest, CONFIG, 8192, saved_mels_dir=tmp_path / "mels", report_dir=run_dir)
+    lines = str(error.value).splitlines()
+    report = run_dir / "bad_rows_m.txt"
+    assert lines[0].startswith(f"29 bad rows in {manifest}") and len(lines) == 1 + 20 + 1
+    assert lines[-1].strip() == f"... and 9 more: all 29 in {report}"
+    listed = report.read_text().splitlines()
+    assert listed[0] == lines[0] and listed[1:21] == [line.strip() for line in lines[1:21]]
+    assert len(listed) == 30 and listed[-1].startswith("line 31: ") and "c29.wav: no c29.npy" in listed[-1]
+    with pytest.warns(UserWarning, match=r"(?s)dropped 29 bad rows .*\.\.\. and 9 more: all 29 in "):
+        dataset = MelDataset(manifest, CONFIG, 8192, saved_mels_dir=tmp_path / "mels", skip_bad_files=True,
+                             report_dir=run_dir)
+    assert len(dataset) == 1 and report.read_text().startswith("--skip_bad_files: dropped 29 bad rows")
 
 
 def test_non_finite_saved_mels_are_bad_rows_at_startup(tmp_path):

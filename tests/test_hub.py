@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_CONFIG, shared_path
+from conftest import HANG_TIMEOUT, REPO, TINY_CONFIG, shared_path
 
 import hub
 import inference
@@ -151,3 +151,65 @@ def test_finetuning_starts_from_a_hub_id(export, monkeypatch):
     expected = load_generator(export).state_dict()
     for name, tensor in generator.state_dict().items():
         torch.testing.assert_close(tensor, expected[name])
+
+
+def hub_load_in_project(project: Path, export: Path, then: str) -> subprocess.CompletedProcess:
+    """torch.hub.load of `export` run from a project whose own modules are named utils, model and hub (its folder
+    first on sys.path, as a script's is), which checks that they stay the project's; then `then`."""
+    project.mkdir()
+    for name in ("utils", "model", "hub"):
+        (project / f"{name}.py").write_text(f"WHOSE = 'caller'\nNAME = {name!r}\n")
+    repo_dirs = [str(REPO), str(REPO / "tacotron2")]
+    script = textwrap.dedent(f"""
+        import os
+        import sys
+        import numpy as np
+        import torch
+        import utils  # the project's own, imported before the load
+        generator = torch.hub.load({str(REPO)!r}, "hifigan", source="local", checkpoint={str(export)!r})
+        import hub
+        import model  # ... and after it
+        assert (utils.WHOSE, model.WHOSE, hub.WHOSE) == ("caller",) * 3, (utils, model, hub)
+        assert {str(REPO)!r} not in sys.path
+        leaked = [name for name, module in list(sys.modules.items())  # this repo's modules, by plain names
+                  if os.path.dirname(getattr(module, "__file__", None) or "") in {repo_dirs!r}]
+        assert not leaked, leaked
+        print("loaded", type(generator).__name__, generator.config.num_mels)
+    """) + textwrap.dedent(then)
+    (project / "use_vocoder.py").write_text(script)
+    return subprocess.run([sys.executable, "use_vocoder.py"], cwd=project, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ""}, timeout=HANG_TIMEOUT)
+
+
+def test_torch_hub_from_a_project_with_its_own_utils_model_and_hub_modules(tmp_path, export):
+    """The README's way to use a generator elsewhere, from a project whose own modules have this repo's names."""
+    np.save(tmp_path / "mel.npy", random_mel().numpy())
+    result = hub_load_in_project(tmp_path / "project", export, f"""
+        with torch.no_grad():
+            np.save("out.npy", generator(torch.from_numpy(np.load({str(tmp_path / "mel.npy")!r}))).numpy())
+    """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"loaded Generator {TINY_CONFIG.num_mels}" in result.stdout
+    with torch.no_grad():
+        reference = load_generator(export).folded_copy()(random_mel())
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "project" / "out.npy")), reference, rtol=1e-4,
+                               atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_readme_mel_from_another_project_is_the_generators_input(tmp_path, export):
+    """The README's hub snippet from another project: the mel of a waveform at its level, with the config's mel
+    settings, is this repo's mel_spectrogram(audio, **config.mel_kwargs()) (librosa compiles for ~15 s: slow)."""
+    from utils import mel_spectrogram
+    audio = (0.3 * np.sin(np.arange(4096) * 0.05)).astype(np.float32)
+    np.save(tmp_path / "audio.npy", audio)
+    result = hub_load_in_project(tmp_path / "project", export, f"""
+        mel = generator.config.mel.mel(torch.from_numpy(np.load({str(tmp_path / "audio.npy")!r})))[None]
+        np.save("mel.npy", mel.numpy())
+        with torch.no_grad():
+            print("audio", tuple(generator(mel).shape))
+    """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"audio (1, 1, {4096 // TINY_CONFIG.hop_size * TINY_CONFIG.hop_size})" in result.stdout
+    expected = mel_spectrogram(torch.from_numpy(audio), **TINY_CONFIG.mel_kwargs())
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "project" / "mel.npy"))[0], expected)

@@ -326,6 +326,54 @@ def test_finetune_from_official_generator_and_discriminator_files(tmp_path, tiny
             assert torch.allclose(value, b.state_dict()[key]), key
 
 
+def official_layout(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(official name, tensor) of a module's parameters in the order the official code lists them: its state dict's
+    order (per conv bias, weight_g, weight_v; test_official_parameter_layout ties it to the official file's)."""
+    from model import to_official_names
+    parameters = set(to_official_names(dict(module.named_parameters())))
+    return [(key, value) for key, value in to_official_names(module.state_dict()).items() if key in parameters]
+
+
+def test_official_parameter_layout_maps_onto_this_repos_optimisers_shared_fixture():
+    """Full-size models, shape by shape: each official state dict's key order and shapes are this repo's (weight_g,
+    weight_v <-> original0, original1), and the official optimisers' parameter order (optim_d over msd, then mpd)
+    maps by name onto the order main() builds its optimisers in (over mpd, then msd)."""
+    import itertools
+
+    from conftest import shared_path
+
+    sys.path.insert(0, str(REPO))
+    import train
+    from model import MultiPeriodDiscriminator, MultiScaleDiscriminator, build_generator, to_official_names
+    official = json.loads(shared_path("fixtures", "official_state_dict_shapes.json").read_text())
+    with torch.device("meta"):
+        models = {"generator_v1": build_generator("v1"), "generator_v2": build_generator("v2"),
+                  "generator_v3": build_generator("v3"), "mpd": MultiPeriodDiscriminator(),
+                  "msd": MultiScaleDiscriminator()}
+    for name, module in models.items():
+        ours = [(key, list(value.shape)) for key, value in to_official_names(module.state_dict()).items()]
+        assert ours == list(official[name].items()), name
+    for generator in ("generator_v1", "generator_v3"):
+        state_dicts = {"generator": {k: torch.empty(shape, device="meta") for k, shape in official[generator].items()},
+                       **{name: {k: torch.empty(shape, device="meta") for k, shape in official[name].items()}
+                          for name in ("mpd", "msd")}}
+        mpd, msd = models["mpd"], models["msd"]
+        for name, ours in (("generator", [("generator", models[generator])]),
+                           ("discriminator", [("mpd", mpd), ("msd", msd)])):
+            expected = [(f"{model_name}.{key}", tuple(p.shape)) for model_name, module in ours
+                        for key, p in module.named_parameters()]
+            optimizer = torch.optim.AdamW(itertools.chain(*(module.parameters() for _, module in ours)))
+            assert [tuple(p.shape) for p in optimizer.param_groups[0]["params"]] == [s for _, s in expected]
+            mapped = train.official_parameter_shapes(state_dicts, train.OPTIMIZER_MODELS[name])
+            assert [(key, tuple(shape)) for key, shape in mapped.items()] == expected
+            listed = train.official_parameter_shapes(state_dicts, train.OFFICIAL_OPTIMIZER_MODELS[name])
+            assert sorted(listed) == sorted(mapped) and len(listed) == len(expected)
+    # the official optim_d starts with the multi-scale discriminator: its first moment is not this run's first
+    assert next(iter(listed)) == "msd.discriminators.0.convs.0.bias"
+    assert next(iter(mapped)) == "mpd.discriminators.0.convs.0.bias"
+    assert next(iter(listed.values())) != next(iter(mapped.values()))
+
+
 def test_continue_optimizer_state_from_official_do_file(tmp_path):
     sys.path.insert(0, str(REPO))
     import itertools
@@ -335,7 +383,7 @@ def test_continue_optimizer_state_from_official_do_file(tmp_path):
     import train
     from model import Generator, MultiPeriodDiscriminator, MultiScaleDiscriminator, to_official_names
 
-    def models_and_optimizers(config=TINY_CONFIG):
+    def models_and_optimizers(config=TINY_CONFIG):  # as train.py's main() builds them
         torch.manual_seed(0)
         generator, mpd, msd = Generator(config), MultiPeriodDiscriminator((2, 3), 8), MultiScaleDiscriminator(8)
         optim_g = torch.optim.AdamW(generator.parameters(), 2e-4, betas=(0.8, 0.99))
@@ -343,35 +391,54 @@ def test_continue_optimizer_state_from_official_do_file(tmp_path):
         schedulers = [torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.999) for o in (optim_g, optim_d)]
         return (generator, mpd, msd), (optim_g, optim_d), schedulers
 
-    # An official run after 5 epochs: one Adam step taken, learning rate decayed 5 times (official train.py layout).
-    models, optimizers, schedulers = models_and_optimizers()
-    for module, optimizer in zip((models[0], models[1]), optimizers):
-        sum(p.square().sum() for p in module.parameters()).backward()
+    # An official run after 5 epochs, laid out as the official train.py lays it: optim_g over the generator's
+    # parameters, optim_d over itertools.chain(msd.parameters(), mpd.parameters()), each model's parameters in its
+    # official order (bias, weight_g, weight_v). One Adam step with a different gradient for every parameter.
+    (generator, mpd, msd), _, _ = models_and_optimizers()
+    layouts = {"optim_g": [("generator", key, value) for key, value in official_layout(generator)],
+               "optim_d": [(model_name, key, value) for model_name, module in (("msd", msd), ("mpd", mpd))
+                           for key, value in official_layout(module)]}
+    official_moments, optimizer_states = {}, {}
+    for optimizer_key, layout in layouts.items():
+        params = [torch.nn.Parameter(value.detach().clone()) for _, _, value in layout]
+        optimizer = torch.optim.AdamW(params, 2e-4, betas=(0.8, 0.99))
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.999)
+        for index, param in enumerate(params):
+            param.grad = torch.randn_like(param) + index
         optimizer.step()
-    for _ in range(5):
-        for scheduler in schedulers:
+        for _ in range(5):
             scheduler.step()
-    torch.save({"generator": to_official_names(models[0].state_dict())}, tmp_path / "g_00005000")
-    torch.save({"mpd": to_official_names(models[1].state_dict()), "msd": to_official_names(models[2].state_dict()),
-                "optim_g": optimizers[0].state_dict(), "optim_d": optimizers[1].state_dict(), "steps": 5000,
-                "epoch": 5}, tmp_path / "do_00005000")
+        optimizer_states[optimizer_key] = optimizer.state_dict()
+        official_moments.update({(model_name, key): optimizer.state[param]["exp_avg"]
+                                 for (model_name, key, _), param in zip(layout, params)})
+    torch.save({"generator": to_official_names(generator.state_dict())}, tmp_path / "g_00005000")
+    torch.save({"mpd": to_official_names(mpd.state_dict()), "msd": to_official_names(msd.state_dict()),
+                **optimizer_states, "steps": 5000, "epoch": 5}, tmp_path / "do_00005000")
 
-    _, fresh, fresh_schedulers = models_and_optimizers()
+    models, fresh, fresh_schedulers = models_and_optimizers()
     message = train.continue_optimizer_state(str(tmp_path / "g_00005000"), fresh, fresh_schedulers)
     assert "learning rate 0.000199" in message
-    for source, target in zip(optimizers, fresh):
-        assert target.param_groups[0]["lr"] == pytest.approx(2e-4 * 0.999 ** 5)
-        assert all(torch.equal(source.state[p]["exp_avg"], target.state[q]["exp_avg"])
-                   for p, q in zip(source.param_groups[0]["params"], target.param_groups[0]["params"])
-                   if p in source.state)
+    # every parameter got the moments of the official parameter of the same name
+    for optimizer, named in ((fresh[0], [("generator", models[0])]), (fresh[1], [("mpd", models[1]),
+                                                                                  ("msd", models[2])])):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-4 * 0.999 ** 5)
+        for model_name, module in named:
+            for key, param in to_official_names(dict(module.named_parameters())).items():
+                assert torch.equal(optimizer.state[param]["exp_avg"], official_moments[model_name, key]), key
     fresh_schedulers[0].step()  # and the schedule goes on from there
     assert fresh_schedulers[0].last_epoch == 6
     assert fresh[0].param_groups[0]["lr"] == pytest.approx(2e-4 * 0.999 ** 6)
     # another model's optimiser state is refused, not loaded into the wrong tensors
     _, other, other_schedulers = models_and_optimizers(TINY_CONFIG.__class__(**{**TINY_CONFIG.to_dict(),
                                                                               "upsample_initial_channel": 8}))
-    with pytest.raises(train.UserError, match="belongs to another model"):
+    with pytest.raises(train.UserError, match=r"generator optimiser state in .*do_00005000 belongs to another model"):
         train.continue_optimizer_state(str(tmp_path / "g_00005000"), other, other_schedulers)
+    # ... and so is one whose moments do not fit its own weights
+    broken = torch.load(tmp_path / "do_00005000", weights_only=True)
+    broken["optim_d"]["state"][0]["exp_avg"] = torch.zeros(3)
+    torch.save(broken, tmp_path / "do_00005000")
+    with pytest.raises(train.UserError, match=r"discriminator optimiser state .* \(its moment for msd\."):
+        train.continue_optimizer_state(str(tmp_path / "g_00005000"), *models_and_optimizers()[1:])
 
 
 @pytest.mark.slow
@@ -382,7 +449,8 @@ def test_finetune_refuses_missing_mels_at_startup(tmp_path, tiny_corpus):
                "--finetune", "--path_to_saved_mels", str(tmp_path / "empty"), "--path_to_pretrained_weights",
                str(tmp_path), *TINY_FLAGS]
     result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 1 and "8 of 8 clips" in result.stderr and "save_taco_mels" in result.stderr
+    assert result.returncode == 1 and "8 bad rows" in result.stderr and "no train_000.npy in" in result.stderr
+    assert "save_taco_mels" in result.stderr
 
 
 def test_resume_with_another_batch_size_skips_the_clips_already_seen():
