@@ -214,6 +214,8 @@ def conv_fp32(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`conv` in float32 even under autocast: for the layers that read or write the waveform itself. In bf16 the
     audio would carry 8 significant bits (a noise floor ~50 dB down, which the log-mel loss and the discriminators
     would see); these layers have one channel on the waveform side and cost little in fp32."""
+    if not torch.is_autocast_enabled(x.device.type):  # a model cast to half as a whole stays as it was cast
+        return conv(module, x)
     with torch.autocast(x.device.type, enabled=False):
         return conv(module, x.float())
 
