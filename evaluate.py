@@ -57,10 +57,30 @@ REFERENCE_COLUMNS = ["log-mel L1", "MCD (dB)", "PESQ-WB", "STOI", "F0 RMSE (cent
 # RTF as ESPnet and ParallelWaveGAN print it: compute seconds per second of audio (lower is better); × real time is
 # its inverse.
 SPEED_COLUMNS = ["RTF", "× real time"]
-# The reference columns compare magnitudes with the recording's: Griffin-Lim starts from exactly those magnitudes and
-# none of them hears its phase artefacts, so they rank it above neural vocoders that listeners prefer. The markdown
-# marks them (†) and says so under the table; the MOS predictors come first because they rank as listeners do.
-FAVOUR_MAGNITUDE_INVERSION = "†"
+# The reference columns are marked † in the markdown (compared with the recording), and each column's note under the
+# table says what it measures and which way it leans. The leans were measured on LJSpeech (README: Inference and
+# evaluation): the authors' V2 against Griffin-Lim from the same mels, whose 8 kHz fmax leaves 8-11 kHz empty.
+AGAINST_RECORDING = "†"
+COLUMN_NOTES = {
+    "DNSMOS": "DNSMOS P.808 and overall: Microsoft's listener-MOS predictors, on the audio alone at 16 kHz (blind "
+              "above 8 kHz) and at its level. They hear phase artefacts: rank vocoders by these and UTMOS.",
+    "UTMOS": "UTMOS: UTMOS22-strong's naturalness-MOS predictor, on the audio alone at 16 kHz (resampled as its "
+             "reference resamples).",
+    "log-mel L1": "log-mel L1 †: mean |log-mel difference| on the loss mel, up to half the sampling rate. Blind to "
+                  "phase. Leans against a system that leaves a band empty: a band the input mel does not cover "
+                  "(above its fmax) costs far more than any error inside it, so it ranks bandwidth first.",
+    "MCD (dB)": "MCD †: distance of the mel-cepstral spectral envelopes, up to half the sampling rate. Blind to phase; "
+                "the same lean as log-mel L1, stronger: a near-silent band dominates it, and the noise floor there "
+                "(16-bit or float output) moves it by several dB.",
+    "PESQ-WB": "PESQ-WB †: ITU-T P.862.2's perceptual distance of short-time power spectra at 16 kHz (0-8 kHz). "
+               "Favours magnitude inversion: it hardly hears Griffin-Lim's phase artefacts and ranks it above "
+               "neural vocoders that sound better.",
+    "STOI": "STOI †: intelligibility, the correlation of 1/3-octave band envelopes up to ~4 kHz; near its ceiling for "
+            "any usable vocoder, favours magnitude inversion slightly; not a quality measure.",
+    "F0": "F0 RMSE and V/UV error †: pitch (cents, over frames voiced in both) and voicing errors against the "
+          "recording's pitch track (pyin, 16 kHz). They catch octave errors, buzz and lost voicing; magnitude "
+          "inversion keeps the harmonics where they were and scores slightly better.",
+}
 CLIP_COLUMNS = [*MOS_COLUMNS, *REFERENCE_COLUMNS]  # what each clip gets; speed is measured per system
 COLUMNS = ["system", *CLIP_COLUMNS, *SPEED_COLUMNS]
 DECIMALS = {"log-mel L1": 3, "STOI": 3, "V/UV error": 3, "F0 RMSE (cents)": 1, "RTF": 4, "× real time": 1}
@@ -423,7 +443,7 @@ def format_cell(column: str, value: str | float | None, use_utmos: bool) -> str:
 
 
 def markdown_header(columns: list[str]) -> str:
-    names = [f"{c} {FAVOUR_MAGNITUDE_INVERSION}" if c in REFERENCE_COLUMNS else c for c in columns]
+    names = [f"{c} {AGAINST_RECORDING}" if c in REFERENCE_COLUMNS else c for c in columns]
     return "| " + " | ".join(names) + " |"
 
 
@@ -444,11 +464,11 @@ def write_tables(results: list[dict], output_dir: Path, use_utmos: bool, mel_sou
               "log-mel L1, MCD, F0 RMSE (over frames voiced in both), V/UV error and RTF (seconds of compute per "
               "second of audio). n/a: not defined for that row (reference metrics of the recordings themselves, or of "
               "unaligned free-running mels).",
-              "", f"{FAVOUR_MAGNITUDE_INVERSION} Compared with the recording's spectrum, these reward reproducing the "
-              "magnitudes the mel describes, which Griffin-Lim inverts directly, and are blind to the phase artefacts "
-              "listeners hear: they can rank Griffin-Lim above a neural vocoder that sounds far better. Rank "
-              "vocoders by the MOS columns; use these to compare neural vocoders with each other and to catch level, "
-              "alignment or pitch errors."]
+              "", f"{AGAINST_RECORDING} Compared with the recording. Rank vocoders by the MOS columns. Use the "
+              f"{AGAINST_RECORDING} columns to compare systems of the same bandwidth and kind (neural vocoders with "
+              "each other) and to catch level, alignment and pitch errors: they lean different ways across kinds.",
+              ""]
+    lines += [f"- {note}" for note in COLUMN_NOTES.values()]
     markdown = "\n".join(lines) + "\n"
     (output_dir / "results.md").write_text(markdown)
     return markdown
