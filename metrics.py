@@ -311,7 +311,8 @@ def utmos(audio: np.ndarray | torch.Tensor, sampling_rate: int, checkpoint: str 
     weights = find_utmos(checkpoint)
     if weights is None:
         return None
-    wave = torch.from_numpy(_resample(_as_numpy(audio), sampling_rate)).float()[None]
+    # The reference's own resampler (it resamples inside the model), not _resample's Kaiser filter.
+    wave = utmos22.resample(torch.from_numpy(_as_numpy(audio))[None], sampling_rate, utmos22.SAMPLE_RATE)
     if wave.shape[-1] < utmos22.MIN_SAMPLES:
         return None
     return float(utmos22.score(_load_utmos(weights), wave)[0])

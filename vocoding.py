@@ -1,7 +1,8 @@
 """Mel -> waveform, and inputs -> mel: what inference.py, evaluate.py, bench.py, train.py's validation, Tacotron2
 training's audio logs and the notebook share.
 
-- `load_vocoder`, `vocode` (chunked for long inputs, exact), `vocode_batch` (length-sorted batches);
+- `load_vocoder`, `vocode` (chunked for long inputs, exact), `vocode_batch` (length-sorted batches, each mel's audio
+  as if vocoded alone), `context_frames` (the receptive field, in frames);
 - `griffin_lim`, the phase-reconstruction baseline on the same mels;
 - `export_onnx`, `onnx_session`, `vocode_onnx`: the generator under ONNX Runtime;
 - `mel_from_wav` (copy-synthesis input) and `load_mel` (a checked .npy); mels from text are tacotron2's
@@ -113,17 +114,43 @@ def _raised_cosine(u: torch.Tensor) -> torch.Tensor:
     return 0.5 - 0.5 * torch.cos(math.pi * u.clamp(0, 1))
 
 
+def context_frames(config: HifiGanConfig) -> int:
+    """Mel frames of context that make a frame's audio exact: no frame, and no edge of the input (a convolution's zero
+    padding), further than this from a frame changes that frame's audio.
+
+    A bound on the generator's receptive field, summed layer by layer in frames: conv_pre's and conv_post's ±3 samples,
+    each transposed conv's kernel, and each stage's widest residual block (its dilated kernels in series). V1/V2: 16
+    (their audio really changes up to ~12 frames away), V3: 13.
+    """
+    def block_reach(kernel_size: int, dilations: tuple[int, ...]) -> int:  # in samples, one side
+        # ResBlock1: per dilation, a dilated conv then a plain one; ResBlock2: the dilated conv alone.
+        plain = math.ceil((kernel_size - 1) / 2) if config.resblock == "1" else 0
+        return sum(math.ceil((kernel_size - 1) * d / 2) + plain for d in dilations)
+
+    reach, rate = 3.0, 1  # conv_pre: kernel 7 at the frame rate
+    for upsample, kernel in zip(config.upsample_rates, config.upsample_kernel_sizes):
+        rate *= upsample
+        reach += kernel / rate  # a transposed conv spreads each input sample over `kernel` output samples
+        reach += max(map(block_reach, config.resblock_kernel_sizes, config.resblock_dilation_sizes)) / rate
+    reach += 3 / rate  # conv_post
+    # +1: a frame's samples lie up to one frame after its start.
+    return math.ceil(reach) + 1
+
+
 def vocode_batch(generator: Generator, mels: list[torch.Tensor], max_chunk_frames: int | None = None,
                  batch_size: int = 8) -> list[torch.Tensor]:
-    """Vocode many mels; returns float32 CPU audio [frames * hop] for each, in the input order.
+    """Vocode many mels; returns float32 CPU audio [frames * hop] for each, in the input order, each what `vocode`
+    makes of that mel alone (to float32 rounding), whatever it is batched with.
 
-    Mels are sorted by length and vocoded `batch_size` at a time, padded with silence to the longest of
-    their batch (sorting keeps that padding small); a mel longer than `max_chunk_frames` goes alone
-    through `vocode`'s chunking. Near its end, a padded mel's audio differs slightly from vocoding it alone
-    (the generator sees silence there instead of its zero padding).
+    Mels are sorted by length and vocoded `batch_size` at a time, padded to the longest of their batch (sorting keeps
+    that padding small); a mel longer than `max_chunk_frames` goes alone through `vocode`'s chunking. The padding
+    would leak into the last frames of a shorter mel through the receptive field (up to 7e-3 on real speech), so
+    those frames are vocoded again from the mel alone: its last `context_frames` frames with as many frames of its
+    own context before them, those tails batched with each other (they have equal lengths: no padding).
     """
     mels = [_check_mel(generator, mel) for mel in mels]
     hop, silence = hop_of(generator), silence_level(generator.config)
+    context = context_frames(generator.config)
     outputs: list[torch.Tensor | None] = [None] * len(mels)
     short = []
     for i, mel in enumerate(mels):
@@ -132,6 +159,7 @@ def vocode_batch(generator: Generator, mels: list[torch.Tensor], max_chunk_frame
         else:
             short.append(i)
     short.sort(key=lambda i: mels[i].size(1))
+    padded_ones = []
     with torch.inference_mode():
         for batch_start in range(0, len(short), batch_size):
             indices = short[batch_start:batch_start + batch_size]
@@ -141,7 +169,19 @@ def vocode_batch(generator: Generator, mels: list[torch.Tensor], max_chunk_frame
                 padded[row, :, :mels[i].size(1)] = mels[i]
             audio = generate(generator, padded)
             for row, i in enumerate(indices):
-                outputs[i] = audio[row, :mels[i].size(1) * hop]
+                outputs[i] = audio[row, :mels[i].size(1) * hop].clone()
+            padded_ones += [i for i in indices if mels[i].size(1) < longest]
+        # Tails of equal length batch together; a mel of under 2 x context frames is vocoded again whole.
+        by_length: dict[int, list[int]] = {}
+        for i in padded_ones:
+            by_length.setdefault(min(mels[i].size(1), 2 * context), []).append(i)
+        for length, indices in by_length.items():
+            for batch_start in range(0, len(indices), batch_size):
+                batch = indices[batch_start:batch_start + batch_size]
+                audio = generate(generator, torch.stack([mels[i][:, mels[i].size(1) - length:] for i in batch]))
+                keep = (context if length == 2 * context else length) * hop  # a whole short mel: all of it
+                for row, i in enumerate(batch):
+                    outputs[i][-keep:] = audio[row, -keep:]
     return [audio.clone() for audio in outputs]  # ordinary tensors, as in vocode
 
 
