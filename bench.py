@@ -55,7 +55,7 @@ from model import (
     load_generator,
     train_step,
 )
-from utils import load_audio, mel_spectrogram
+from utils import load_audio, mel_spectrogram, pick_device, run_cli
 
 QUICK_SECONDS = 0.5  # --quick's utterance length
 
@@ -568,8 +568,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", "--json", default="bench_results.json", help="where the JSON goes")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     rounds = args.rounds or (2 if args.quick else 5)
     steps = args.train_steps or (2 if args.quick else 5)
     checkpoints = dict(spec.split("=", 1) for spec in args.checkpoint)
@@ -624,4 +623,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -44,6 +44,7 @@ from utils import (
     check_audio_files,
     load_audio,
     mel_spectrogram,
+    pick_device,
     read_manifest,
     run_cli,
     save_audio,
@@ -130,14 +131,6 @@ def parse_vocoder_spec(spec: str) -> tuple[str, str]:
     if not name or not checkpoint:
         raise UserError(f"--vocoder {spec!r}: expected NAME=CHECKPOINT or a checkpoint path")
     return name, checkpoint
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
 
 
 def build_systems(args: argparse.Namespace, device: torch.device) -> list[System]:

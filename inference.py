@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +33,11 @@ from tacotron2 import load_tacotron2
 from tacotron2.teacher_forcing import text_to_mel
 from utils import (
     UserError,
+    pick_device,
     read_manifest,
+    run_cli,
     save_audio,
-    show_warning_line,
+    unique_stems,
 )
 from vocoding import (
     export_onnx,
@@ -99,8 +99,8 @@ def collect_jobs(args: argparse.Namespace, config: HifiGanConfig) -> list[Job]:
         else:
             paths.append(path)
 
-    jobs, names = [], {}
-    for path in paths:
+    jobs = []
+    for path in unique_stems(paths, ".wav"):  # every input becomes <output_dir>/<stem>.wav
         suffix = path.suffix.lower()
         if suffix == ".npy":
             jobs.append(Job(path.stem, "npy", str(path), load_mel(path, config, mmap=True).shape[1]))
@@ -118,9 +118,6 @@ def collect_jobs(args: argparse.Namespace, config: HifiGanConfig) -> list[Job]:
         else:
             raise UserError(f"input {path}: unsupported type {suffix or '(no suffix)'}; give .npy mels, "
                             f"{'/'.join(AUDIO_SUFFIXES)} audio, a folder of them, or a .csv manifest")
-        if path.stem in names:
-            raise UserError(f"inputs {names[path.stem]} and {path} would both be written as {path.stem}.wav")
-        names[path.stem] = path
     return jobs
 
 
@@ -188,8 +185,8 @@ def export(args: argparse.Namespace) -> None:
         raise UserError("--export_onnx needs --checkpoint: the generator to export")
     generator = load_vocoder(args.checkpoint, args.config)
     path = export_onnx(generator, args.export_onnx, args.onnx_opset)
-    # The check runs where the model will: onnxruntime's CUDA provider for --device cuda.
-    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    # The check runs where the model will: onnxruntime's CUDA provider for --device cuda (which torch need not see).
+    device = pick_device().type if args.device == "auto" else args.device
     session = onnx_session(path, device=device)
     mel = torch.randn(2, generator.config.num_mels, 37, generator=torch.Generator().manual_seed(0)) + silence_level(
         generator.config) / 2  # arbitrary, but with a batch and a length other than the exported example's
@@ -217,10 +214,7 @@ def run(args: argparse.Namespace) -> None:
     if args.push_to_hub:
         push(args)
         return
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    device = "cpu" if device == "auto" else device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but torch sees no CUDA device; use --device cpu (or auto)")
+    device = pick_device(args.device).type
     if args.dtype == "float16" and device != "cuda":
         raise UserError("--dtype float16 runs only on CUDA; on the CPU use bfloat16 or float32")
     if args.batch_size < 1:
@@ -286,17 +280,9 @@ def run(args: argparse.Namespace) -> None:
           f"{torch.get_num_threads()} CPU thread(s)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.showwarning = show_warning_line  # one line, not the source line of the warning
-        try:
-            run(args)
-        except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-    return 0
+def main(argv: list[str] | None = None) -> None:
+    run(parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

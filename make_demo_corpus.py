@@ -13,13 +13,11 @@ Writes `<out_dir>/wavs/demo_XXXX.wav` (22050 Hz, mono, 16-bit) and `<out_dir>/tr
 from __future__ import annotations
 
 import argparse
-import csv
 import ctypes
 import functools
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +26,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from utils import UserError, read_manifest, save_audio
+from utils import ManifestRow, UserError, read_manifest, run_cli, save_audio, write_manifest
 
 SAMPLING_RATE = 22050
 INSTALL_HINT = "pip install espeakng-loader (or the system package: apt-get install espeak-ng)"
@@ -211,17 +209,6 @@ def _is_complete(train_path: Path, test_path: Path, num_sentences: int, num_test
     return len(train) == num_sentences - num_test and len(test) == num_test
 
 
-def _write_manifest(path: Path, rows: list[tuple[str, str]]) -> None:
-    # Written under a temporary name and renamed: a run killed half-way leaves no manifest, so the next
-    # run does not mistake a partial corpus for a complete one.
-    partial = path.with_suffix(".csv.partial")
-    with open(partial, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["file_path", "normalized_transcript"])
-        writer.writerows(rows)
-    os.replace(partial, path)
-
-
 def build_demo_corpus(out_dir: str | os.PathLike, num_sentences: int = 48, num_test: int = 4,
                       overwrite: bool = False) -> tuple[Path, Path]:
     """Speak the first `num_sentences` demo sentences into `out_dir`; return (train.csv, test.csv).
@@ -252,11 +239,12 @@ def build_demo_corpus(out_dir: str | os.PathLike, num_sentences: int = 48, num_t
         if rate != SAMPLING_RATE:
             import librosa
             audio = librosa.resample(audio, orig_sr=rate, target_sr=SAMPLING_RATE)
-        relative = f"wavs/demo_{index + 1:04d}.wav"
-        save_audio(out_dir / relative, audio, SAMPLING_RATE)
-        (test_rows if index in test_indices else train_rows).append((relative, text))
-    _write_manifest(test_path, test_rows)
-    _write_manifest(train_path, train_rows)
+        wav = out_dir / f"wavs/demo_{index + 1:04d}.wav"
+        save_audio(wav, audio, SAMPLING_RATE)
+        (test_rows if index in test_indices else train_rows).append(ManifestRow(str(wav), text, 0))
+    # Paths relative to the manifests, so that the corpus folder can move; no speaker column (one voice).
+    write_manifest(test_path, test_rows, relative=True, speakers=False)
+    write_manifest(train_path, train_rows, relative=True, speakers=False)
     return train_path, test_path
 
 
@@ -272,18 +260,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="rebuild even when the corpus is already complete")
     args = parser.parse_args(argv)
     out_dir = Path(args.out_dir)
-    try:
-        if not args.overwrite and _is_complete(out_dir / "train.csv", out_dir / "test.csv", args.num_sentences,
-                                               args.num_test):
-            print(f"{out_dir} already holds a complete demo corpus; nothing to do (--overwrite rebuilds it)")
-        manifests = build_demo_corpus(out_dir, args.num_sentences, args.num_test, args.overwrite)
-        seconds = _seconds_of_audio(manifests)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    if not args.overwrite and _is_complete(out_dir / "train.csv", out_dir / "test.csv", args.num_sentences,
+                                           args.num_test):
+        print(f"{out_dir} already holds a complete demo corpus; nothing to do (--overwrite rebuilds it)")
+    manifests = build_demo_corpus(out_dir, args.num_sentences, args.num_test, args.overwrite)
+    seconds = _seconds_of_audio(manifests)
     print(f"demo corpus in {out_dir.resolve()}: {args.num_sentences - args.num_test} train clips "
           f"({manifests[0]}), {args.num_test} test clips ({manifests[1]}), {seconds:.1f} s of audio")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

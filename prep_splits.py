@@ -39,11 +39,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import http.client
 import itertools
 import os
-import sys
 import tarfile
 import urllib.error
 import urllib.request
@@ -54,7 +52,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from utils import ManifestRow, UserError, read_manifest, run_cli
+from utils import ManifestRow, UserError, read_manifest, run_cli, write_manifest
 
 LJSPEECH_URL = "https://data.keithito.com/data/speech/LJSpeech-1.1.tar.bz2"
 DEFAULT_TEST_SIZE = 150
@@ -456,16 +454,6 @@ class SplitManifest(NamedTuple):
     num_speakers: int = 1
 
 
-def write_manifest(path: Path, rows: list[ManifestRow]) -> None:
-    """Write a `file_path,normalized_transcript,speaker` CSV with absolute paths (temporary name, then renamed)."""
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["file_path", "normalized_transcript", "speaker"])
-        writer.writerows([os.path.abspath(row.audio_path), row.transcript or "", row.speaker or ""] for row in rows)
-    os.replace(partial, path)
-
-
 def prep_splits(path_to_corpus: str | os.PathLike, path_to_save: str | os.PathLike, split: str | None = None,
                 test_size: int | None = None, seed: int | None = None, corpus: str = "auto",
                 transcripts: str | os.PathLike | None = None, test_speakers: list[str] | None = None,
@@ -540,19 +528,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="fetch LJSpeech-1.1 into the parent of --path_to_corpus first (2.6 GB)")
     parser.add_argument("--url", default=LJSPEECH_URL, help=argparse.SUPPRESS)  # for tests: a mirror or a dead URL
     args = parser.parse_args(argv)
-    try:
-        if args.split is not None:  # before a 2.6 GB download, not after
-            check_split_flags(args.split, args.test_size, args.seed, args.test_speakers, args.num_test_speakers)
-        if args.download:
-            if args.corpus not in ("auto", "ljspeech"):
-                raise UserError(f"--download fetches LJSpeech; drop it for --corpus {args.corpus}")
-            download_ljspeech(args.path_to_corpus, args.url)
-        written = prep_splits(args.path_to_corpus, args.path_to_save, args.split, args.test_size, args.seed,
-                              args.corpus, args.transcripts, args.test_speakers, args.num_test_speakers,
-                              args.min_seconds, args.vctk_mic)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    if args.split is not None:  # before a 2.6 GB download, not after
+        check_split_flags(args.split, args.test_size, args.seed, args.test_speakers, args.num_test_speakers)
+    if args.download:
+        if args.corpus not in ("auto", "ljspeech"):
+            raise UserError(f"--download fetches LJSpeech; drop it for --corpus {args.corpus}")
+        download_ljspeech(args.path_to_corpus, args.url)
+    written = prep_splits(args.path_to_corpus, args.path_to_save, args.split, args.test_size, args.seed,
+                          args.corpus, args.transcripts, args.test_speakers, args.num_test_speakers,
+                          args.min_seconds, args.vctk_mic)
     for manifest in written:
         name = {"train.csv": "train", "test.csv": "test"}.get(manifest.path.name, "unseen-speaker test")
         print(f"{manifest.num_clips} {name} clips, {manifest.num_speakers} speaker(s), {manifest.hours:.2f} h "

@@ -1,4 +1,5 @@
-"""Shared helpers: the one mel spectrogram of the repo and its settings, audio and manifest I/O, user-facing errors.
+"""Shared helpers: the one mel spectrogram of the repo and its settings, audio and manifest I/O, user-facing errors
+and the command-line convention of the scripts (`run_cli`, `pick_device`).
 
 Every mel in the repo (dataset inputs, the mel loss, Tacotron2 targets, teacher-forced mels, inference from wav,
 evaluation) comes from `mel_spectrogram` below, with the settings of a `MelConfig`; docs/design.md describes the
@@ -17,9 +18,10 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
 import numpy as np
 import soundfile as sf
@@ -38,16 +40,29 @@ def show_warning_line(message, category, filename, lineno, file=None, line=None)
     tqdm.write(f"warning: {message}", file=sys.stderr if file is None else file)
 
 
-def run_cli(main: Callable[[], object]) -> None:
-    """A script's entry point: warnings in one line each, and a UserError ends it with its message and exit status 1,
-    not a traceback."""
-    warnings.showwarning = show_warning_line
-    try:
-        result = main()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+def run_cli(main: Callable[[], object]) -> NoReturn:
+    """Every script ends in `run_cli(main)`, its `main(argv=None)` raising a UserError for what the user must fix:
+    warnings in one line each, and a UserError ends the script with its message and exit status 1, not a traceback.
+    An int that main returns is the exit status; anything else is 0."""
+    with warnings.catch_warnings():  # (restored on the way out, for callers that run a main in-process)
+        warnings.showwarning = show_warning_line
+        try:
+            result = main()
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def pick_device(choice: str = "auto") -> torch.device:
+    """A `--device auto|cpu|cuda[:N]` choice as a torch.device: auto is CUDA when torch sees a GPU, else the CPU;
+    an explicit CUDA device that torch cannot see is a UserError, at start-up rather than at the first tensor."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(choice)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {choice}, but torch sees no CUDA device; use --device cpu or auto")
+    return device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,6 +409,48 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> list[Man
                 raise UserError(f"{path}, line {row.line}: audio file {row.audio_path} does not exist; "
                                 "fix the path or remove the row")
     return rows
+
+
+def write_manifest(path: str | os.PathLike, rows: Iterable[ManifestRow], *, relative: bool = False,
+                   speakers: bool = True) -> None:
+    """Write `rows` as the CSV `read_manifest` reads: `file_path,normalized_transcript,speaker` (without the speaker
+    column when not `speakers`), file paths absolute or, with `relative`, relative to the manifest's folder (a corpus
+    that can move). Written under a temporary name and renamed: a run killed half-way leaves no manifest, so the
+    next run does not mistake a partial one for a complete one."""
+    path = Path(path)
+    columns = ["file_path", "normalized_transcript", "speaker"][:3 if speakers else 2]
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for row in rows:
+            file_path = (Path(os.path.relpath(row.audio_path, path.parent)).as_posix() if relative
+                         else os.path.abspath(row.audio_path))
+            writer.writerow([file_path, row.transcript or "", row.speaker or ""][:len(columns)])
+    os.replace(partial, path)
+
+
+Item = TypeVar("Item")
+
+
+def unique_stems(items: Iterable[Item], suffix: str, path: Callable[[Item], str | os.PathLike] = lambda item: item,
+                 label: Callable[[Item], str] = str, same_file_once: bool = False) -> list[Item]:
+    """`items` (paths, or anything `path` maps to one) whose outputs are named `<file stem><suffix>` in one folder,
+    checked that no two of them would get the same name: a UserError names both ("<label> and <label> would both be
+    saved as <stem><suffix>; rename one"). With `same_file_once`, an item whose file an earlier item already names
+    (one clip listed in two manifests) is dropped instead."""
+    kept: list[Item] = []
+    first: dict[str, Item] = {}
+    for item in items:
+        stem = Path(path(item)).stem
+        if stem in first:
+            if same_file_once and Path(path(first[stem])).resolve() == Path(path(item)).resolve():
+                continue
+            raise UserError(f"{label(first[stem])} and {label(item)} would both be saved as {stem}{suffix}; "
+                            "rename one")
+        first[stem] = item
+        kept.append(item)
+    return kept
 
 
 def check_audio_files(rows: list[ManifestRow], min_seconds: float = 0.0) -> list[tuple[ManifestRow, str]]:

@@ -115,7 +115,7 @@ def test_push_uploads_the_export_with_a_model_card(tmp_path, export, monkeypatch
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-    assert inference.main(["--checkpoint", str(export), "--push_to_hub", "me/tiny-voc", "--private"]) == 0
+    inference.main(["--checkpoint", str(export), "--push_to_hub", "me/tiny-voc", "--private"])
     assert "https://huggingface.co/me/tiny-voc" in capsys.readouterr().out
     assert calls["create"] == ("me/tiny-voc", True, True) and calls["repo"] == "me/tiny-voc"
     assert sorted(calls["files"]) == ["README.md", "config.json", "generator.safetensors"]
@@ -130,8 +130,9 @@ def test_push_uploads_the_export_with_a_model_card(tmp_path, export, monkeypatch
     calls.clear()
     official = tmp_path / "generator_tiny"
     torch.save({"generator": build_generator(TINY_CONFIG).state_dict()}, official)
-    assert inference.main(["--checkpoint", str(official), "--push_to_hub", "me/x"]) == 1
-    assert "export folder" in capsys.readouterr().err and not calls
+    with pytest.raises(UserError, match="export folder"):
+        inference.main(["--checkpoint", str(official), "--push_to_hub", "me/x"])
+    assert not calls
 
 
 def test_pip_install_is_refused_with_directions():

@@ -15,6 +15,7 @@ from conftest import HANG_TIMEOUT, REPO, TINY_CONFIG, shared_path, synth_clip
 
 import inference
 import model
+import utils
 import vocoding
 from model import Generator, HifiGanConfig
 from tacotron2 import Tacotron2, Tacotron2Config, load_tacotron2, save_tacotron2
@@ -45,10 +46,11 @@ def mel_l1(audio: torch.Tensor, reference_mel: torch.Tensor, config: HifiGanConf
 
 
 def run_cli(*args, capsys=None) -> tuple[int, str, str]:
-    """inference.main in-process: (exit code, stdout, stderr)."""
-    code = inference.main([str(a) for a in args])
+    """inference.py's command line in-process (utils.run_cli over inference.main): (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(lambda: inference.main([str(a) for a in args]))
     captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return exit_info.value.code, captured.out, captured.err
 
 
 def wav_frames(path: Path) -> tuple[int, int]:

@@ -1,6 +1,7 @@
 """The one mel function (docs/design.md §1), audio loading and manifests."""
 
 import math
+import re
 import warnings
 
 import librosa
@@ -123,3 +124,62 @@ def test_manifest_formats_and_missing_file(tmp_path):
     (lj / "metadata.csv").write_text("LJ001-0001|a|a\nLJ001-0002|b|b\n")
     with pytest.raises(UserError, match=r"line 2: audio file .*LJ001-0002.wav does not exist"):
         read_manifest(lj / "metadata.csv")
+
+
+def test_write_manifest_reads_back_and_leaves_no_partial_file(tmp_path):
+    csv_manifest = write_corpus(tmp_path / "corpus", 2)
+    rows = read_manifest(csv_manifest)
+    rows[0].speaker, rows[1].transcript = "p225", None
+    utils.write_manifest(tmp_path / "absolute.csv", rows)
+    lines = (tmp_path / "absolute.csv").read_text().splitlines()
+    assert lines[0] == "file_path,normalized_transcript,speaker" and lines[1].startswith(str(tmp_path))
+    again = read_manifest(tmp_path / "absolute.csv")
+    assert [(r.audio_path, r.transcript, r.speaker) for r in again] == [
+        (rows[0].audio_path, "clip number 0", "p225"), (rows[1].audio_path, None, None)]
+    # relative paths and no speaker column: a corpus that can move (make_demo_corpus.py's manifests)
+    utils.write_manifest(tmp_path / "corpus" / "moved.csv", rows, relative=True, speakers=False)
+    assert (tmp_path / "corpus" / "moved.csv").read_text().splitlines()[1:] == [
+        "wavs/train_000.wav,clip number 0", "wavs/train_001.wav,"]
+    assert sorted(p.name for p in tmp_path.rglob("*.partial")) == []
+
+
+def test_unique_stems_names_both_files(tmp_path):
+    a, b, c = tmp_path / "x" / "clip.wav", tmp_path / "y" / "clip.npy", tmp_path / "x" / "other.wav"
+    assert utils.unique_stems([a, c], ".wav") == [a, c]
+    with pytest.raises(UserError, match=re.escape(f"{a} and {b} would both be saved as clip.wav; rename one")):
+        utils.unique_stems([a, c, b], ".wav")
+    with pytest.raises(UserError, match=r"would both be saved as clip\.npy"):
+        utils.unique_stems([a, a], ".npy")
+    # one file listed twice (two manifests) is kept once when asked; labels say where each item came from
+    items = [("train.csv", a), ("test.csv", tmp_path / "x" / ".." / "x" / "clip.wav"), ("test.csv", c)]
+    kept = utils.unique_stems(items, ".npy", path=lambda item: item[1], same_file_once=True)
+    assert kept == [items[0], items[2]]
+    with pytest.raises(UserError, match=r"clip\.wav \(train\.csv\) and .*clip\.npy \(test\.csv\)"):
+        utils.unique_stems([("train.csv", a), ("test.csv", b)], ".npy", path=lambda item: item[1],
+                           label=lambda item: f"{item[1]} ({item[0]})", same_file_once=True)
+
+
+def test_pick_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert utils.pick_device("auto") == utils.pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="--device cuda, but torch sees no CUDA device; use --device cpu or auto"):
+        utils.pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert utils.pick_device() == torch.device("cuda") and utils.pick_device("cuda:1") == torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize("outcome, status", [("ok", 0), ("int", 3), ("user_error", 1)])
+def test_run_cli_exit_status_and_one_line_messages(outcome, status, capsys):
+    def main():
+        warnings.warn("mind the gap", UserWarning, stacklevel=1)
+        if outcome == "user_error":
+            raise UserError("bad.wav is empty; remove the row")
+        return 3 if outcome == "int" else object()
+
+    showwarning = warnings.showwarning
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(main)
+    assert exit_info.value.code == status and warnings.showwarning is showwarning  # restored on the way out
+    err = capsys.readouterr().err
+    assert "warning: mind the gap\n" in err and "test_utils.py" not in err
+    assert ("error: bad.wav is empty; remove the row\n" in err) == (outcome == "user_error")
