@@ -217,3 +217,20 @@ def test_step_log_fetches_device_flags_in_batches_and_reports_each_skipped_step(
     assert "step 3: non-finite loss or gradient, generator step skipped (2 in a row)" in out
     assert log.too_many_nonfinite(2) == "2 steps in a row had a non-finite loss or gradient (the last at step 3)"
     assert log.too_many_nonfinite(2) is None  # reported once
+
+
+def test_channels_last_training_steps_match_the_plain_layout():
+    """Backward too: the same losses and weights after steps in either layout (fp32 on the CPU)."""
+    from utils import mel_spectrogram
+    audio = 0.5 * torch.sin(torch.arange(2 * 2048).view(2, 2048) * 0.05)
+    mel = mel_spectrogram(audio, **TINY.mel_kwargs())
+    runs = {}
+    for layout in (False, True):
+        accelerator, generator, mpd, msd, optim_g, optim_d = _tiny_training(fused=True)
+        model.channels_last(generator, mpd, msd, enabled=layout)
+        losses = [float(model.train_step(accelerator, generator, mpd, msd, optim_g, optim_d, mel, audio, mel,
+                                         TINY.mel_kwargs(for_loss=True))["loss_generator"]) for _ in range(2)]
+        runs[layout] = losses, generator.state_dict()
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    for key, value in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][key], value, rtol=1e-4, atol=1e-5)
