@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import HANG_TIMEOUT, REPO, TINY_FLAGS
+from conftest import HANG_TIMEOUT, REPO, TINY_FLAGS, write_corpus
 from test_reliability import losses
+from test_save_taco_mels import tiny_tacotron2
 from test_tacotron2_train import TINY_FLAGS as TACOTRON2_FLAGS
 
 import training
@@ -272,6 +273,34 @@ def test_tacotron2_stopped_by_sigterm_during_validation_saves_and_resumes_exactl
     assert sorted(resumed) == [3, 4] and sorted(straight) == [1, 2, 3, 4]
     for step in (3, 4):
         assert np.allclose(resumed[step], straight[step], rtol=1e-3, atol=1e-4), (step, resumed, straight)
+
+
+@pytest.mark.slow
+def test_save_taco_mels_stopped_by_ctrl_c_on_two_processes_leaves_whole_files_and_a_rerun_completes(tmp_path):
+    import save_taco_mels
+    files = scripts(tmp_path)
+    manifest = write_corpus(tmp_path, 8, seconds=0.3, name="clips")
+    weights = tiny_tacotron2(tmp_path / "taco")
+    common = ["--path_to_manifest", str(manifest), "--taco_weights", str(weights), "--batch_size", "2"]
+    out = tmp_path / "mels"
+    # Ctrl-C while rank 0 writes its second file: that file is finished, then the ranks stop.
+    code, output = job([*LAUNCH, str(files["watcher"]), str(files["inject"]), "save_taco_mels", *common,
+                        "--path_to_save", str(out)], tmp_path / "stopped.txt",
+                       how="group", signal="SIGINT", where="write_npy", at=2)
+    assert code == 128 + signal.SIGINT, output[-3000:]
+    assert sorted(re.findall(r"rank (\d) exit status (-?\d+)", output)) == [("0", "0"), ("1", "0")], output[-3000:]
+    left = int(re.search(r"stopped by SIGINT with (\d+) clip\(s\) left; run the same command again", output).group(1))
+    written = sorted(out.glob("*.npy"))
+    assert left >= 2 and len(written) == 8 - left and "Traceback" not in output
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".npy") == ["taco_mels.json"]  # no temporaries
+    # A rerun (here on one process) writes the rest; with the uninterrupted run's mels.
+    code, output = job([sys.executable, str(REPO / "save_taco_mels.py"), *common, "--path_to_save", str(out)],
+                       tmp_path / "rerun.txt")
+    assert code == 0 and f"wrote {left}, skipped {8 - left}, failed 0" in output, output[-3000:]
+    torch.set_num_threads(1)
+    assert save_taco_mels.main([*common, "--path_to_save", str(tmp_path / "straight")]) == 0
+    for straight in sorted((tmp_path / "straight").glob("*.npy")):
+        assert np.allclose(np.load(out / straight.name), np.load(straight), atol=1e-4), straight.name
 
 
 # ---------------------------------------------------------------------------------------------- the parts
