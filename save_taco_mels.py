@@ -38,14 +38,14 @@ from dataset import check_saved_mels_info, write_saved_mels_info
 from tacotron2 import load_tacotron2, text_to_sequence
 from tacotron2.teacher_forcing import for_vocoder, teacher_forced_mels
 from training import Stopped, StopSignal
-from utils import MelConfig, UserError, add_config_flags, config_overrides, read_manifest, run_cli
+from utils import HelpFormatter, MelConfig, UserError, add_config_flags, config_overrides, read_manifest, run_cli
 
 # The flags that choose the scale written out, not the Tacotron2's own.
 OUTPUT_SCALE = ("mel_scale", "min_db", "max_scaled_abs")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--path_to_manifest", nargs="+", required=True, help="one or more manifests (e.g. train and test)")
     add("--path_to_save", required=True, help="folder for the <wav stem>.npy files")

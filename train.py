@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,7 @@ from training import (
     check_launch,
     checkpoint_contents,
     complete_checkpoints,
+    record_run,
     resume,
     setup_trackers,
     signal_safe_workers,
@@ -53,6 +55,7 @@ from training import (
     state_files,
 )
 from utils import (
+    HelpFormatter,
     UserError,
     add_config_flags,
     config_overrides,
@@ -70,7 +73,7 @@ VALIDATION_CHUNK_FRAMES = 1024  # about 12 s of 22 kHz audio per generator call
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = parser.add_argument
     # Run and data
     add("--experiment_name", required=True, help="run folder name under --working_directory")
@@ -304,6 +307,7 @@ def validate(generator: Generator, loader: DataLoader, config: HifiGanConfig, de
 
 def main(argv: list[str] | None = None) -> Generator:
     """Train; returns this process's (unwrapped) generator."""
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     config = build_config(args)
     run_dir = Path(args.working_directory) / args.experiment_name
@@ -376,6 +380,8 @@ def main(argv: list[str] | None = None) -> Generator:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        # How to reproduce it: the command, every flag (defaults included), the versions
+        record_run(run_dir, __file__, argv, vars(args), accelerator.num_processes, state.step)
     report_to = start_trackers(accelerator, report_to, args.experiment_name, run_dir,
                                {**vars(args), **config.to_dict()})
 

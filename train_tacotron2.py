@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -32,12 +33,13 @@ from training import (
     RunControl,
     StepLog,
     check_launch,
+    record_run,
     resume,
     setup_trackers,
     signal_safe_workers,
     start_trackers,
 )
-from utils import MelConfig, UserError, add_config_flags, config_overrides, run_cli, save_audio
+from utils import HelpFormatter, MelConfig, UserError, add_config_flags, config_overrides, run_cli, save_audio
 from vocoding import griffin_lim
 
 # ---------------------------------------------------------------------------------------------
@@ -46,7 +48,7 @@ from vocoding import griffin_lim
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = parser.add_argument
     # Run and data
     add("--experiment_name", required=True, help="run folder name under --working_directory")
@@ -271,6 +273,7 @@ def log_validation_media(accelerator: Accelerator, report_to: str | None, step: 
 
 def main(argv: list[str] | None = None) -> Tacotron2:
     """Train; returns this process's (unwrapped) model."""
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     config = build_config(args)
     mel = mel_config(args)
@@ -337,6 +340,8 @@ def main(argv: list[str] | None = None) -> Tacotron2:
     state = resume(accelerator, args.resume_from_checkpoint, run_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        # How to reproduce it: the command, every flag (defaults included), the versions
+        record_run(run_dir, __file__, argv, vars(args), accelerator.num_processes, state.step)
     report_to = start_trackers(accelerator, report_to, args.run_name or args.experiment_name, run_dir, vars(args))
 
     def validate_now() -> None:

@@ -1,5 +1,6 @@
 """The run machinery both training scripts share (train.py for HiFi-GAN, train_tacotron2.py): where a run is,
-atomic checkpoints and resume, the launch check, stop signals, trackers, and per-step bookkeeping.
+atomic checkpoints and resume, the launch check, stop signals (also save_taco_mels.py's), the record of how a run was
+started, trackers, and per-step bookkeeping.
 
 A checkpoint is an accelerate `save_state` folder `<run_dir>/checkpoint_<step>/`, written as `.tmp_checkpoint_<step>`
 and renamed once complete (with a `checkpoint_complete` marker inside), plus `train_state.json` and the model's
@@ -15,6 +16,7 @@ import json
 import multiprocessing
 import multiprocessing.context
 import os
+import shlex
 import shutil
 import signal
 import threading
@@ -448,6 +450,72 @@ def load_training_state(accelerator: Accelerator, checkpoint: Path, config: dict
                 detail += "; it was trained with " + ", ".join(changed)
         raise UserError(f"cannot resume from {checkpoint}: it does not fit this run's models ({detail}). Resume with "
                         "the flags it was trained with, or start afresh under another --experiment_name") from error
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run folder says about how it was started
+# ---------------------------------------------------------------------------------------------
+
+RUN_RECORD = "commands.json"
+# The environment that changes what a run does (never credentials).
+_RECORDED_ENVIRONMENT = ("CUDA_VISIBLE_DEVICES", "WORLD_SIZE", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "WANDB_MODE",
+                         "SLURM_JOB_ID")
+
+
+def _launcher_command() -> list[str] | None:
+    """The command line of the `accelerate launch` / torchrun that started this process, if one did."""
+    try:
+        import psutil
+        command = psutil.Process(os.getppid()).cmdline()
+    except Exception:  # no psutil or no access: the script's own command line is recorded anyway
+        return None
+    text = " ".join(command)
+    return command if ("accelerate" in text and "launch" in text) or "torchrun" in text \
+        or "torch.distributed.run" in text else None
+
+
+def _git_commit(folder: Path) -> dict[str, object] | None:
+    import subprocess
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=30)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return {"commit": commit.stdout.strip(), "uncommitted_changes": bool(status.stdout.strip())}
+
+
+def record_run(run_dir: Path, script: str | os.PathLike, argv: list[str], flags: dict, processes: int,
+               start_step: int) -> Path:
+    """Append how this start of the run (the first, or a resume) was made to `<run_dir>/commands.json`: the command
+    line (the launcher's, when `accelerate launch`/torchrun started it), every flag with its value (defaults
+    included), the process count, the step it started at, the versions of Python, torch, accelerate and numpy, the
+    git commit and the environment variables that matter. Main process only."""
+    import platform
+
+    import accelerate
+    import numpy
+    script = Path(script)
+    own = shlex.join(["python", str(script), *argv])
+    launcher = _launcher_command()
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "accelerate": accelerate.__version__, "numpy": numpy.__version__}
+    if torch.cuda.is_available():
+        versions["cuda"] = torch.version.cuda
+    entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "start_step": start_step,
+             "command": shlex.join(launcher) if launcher else own, "script_command": own,
+             "processes": processes, "flags": json.loads(json.dumps(flags, default=str)), "versions": versions,
+             "git": _git_commit(script.resolve().parent),
+             "environment": {key: value for key, value in sorted(os.environ.items())
+                             if key in _RECORDED_ENVIRONMENT or key.startswith("ACCELERATE_")}}
+    record = run_dir / RUN_RECORD
+    entries = json.loads(record.read_text()) if record.exists() else []
+    tmp = record.with_name(f".{record.name}.tmp")
+    tmp.write_text(json.dumps([*entries, entry], indent=2) + "\n")
+    os.replace(tmp, record)
+    return record
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ inside that moment whatever the machine's speed."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import signal
@@ -202,6 +203,10 @@ def reference_losses(tmp_path_factory, tiny_corpus):
                                                                                     "5")), folder / "log.txt")
             assert code == 0, output[-3000:]
             cache[processes] = losses(output)
+            if processes == 2:  # (checked here, where a plain `accelerate launch` started the run)
+                [entry] = json.loads((folder / "run" / training.RUN_RECORD).read_text())
+                assert entry["command"].startswith(" ".join(LAUNCH[:3])) and "train.py" in entry["command"]
+                assert entry["processes"] == 2 and entry["flags"]["num_workers"] == 2
         assert sorted(cache[processes]) == list(range(1, 6))
         return {step: cache[processes][step] for step in steps}
 
@@ -242,6 +247,10 @@ def test_a_stop_signal_to_the_job_saves_one_checkpoint_exits_0_and_the_run_resum
     resumed = losses(output)
     assert sorted(resumed) == [stop + 1, stop + 2]
     assert resumed == reference_losses(processes, sorted(resumed))
+    # the run folder says how each start was made
+    entries = json.loads((run_dir / training.RUN_RECORD).read_text())
+    assert [entry["start_step"] for entry in entries] == [0, stop]
+    assert entries[1]["flags"]["resume_from_checkpoint"] == "latest" and entries[0]["flags"]["num_workers"] == 2
 
 
 def tacotron2_losses(output: str) -> dict[int, list[float]]:
@@ -406,3 +415,33 @@ def test_checkpoint_line_says_size_and_time_and_warns_when_a_launcher_would_kill
     assert re.search(rf"step 7: checkpoint {re.escape(str(tmp_path))}/checkpoint_7 written, {size / 1e3:.0f} kB in "
                      r"[\d.]+ s", said), said
     assert "warning: writing a checkpoint took" in said and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=<seconds>" in said
+
+
+def test_run_record_lists_each_start_with_every_flag_the_command_and_versions(tmp_path):
+    import accelerate
+    for step in (0, 40):
+        training.record_run(tmp_path, REPO / "train.py", ["--batch_size", "4", "--config", "v2"],
+                            {"batch_size": 4, "config": "v2", "learning_rate": 2e-4, "path": Path("x")}, 1, step)
+    first, second = json.loads((tmp_path / training.RUN_RECORD).read_text())
+    assert [first["start_step"], second["start_step"]] == [0, 40]
+    assert first["script_command"] == f"python {REPO / 'train.py'} --batch_size 4 --config v2"
+    assert first["flags"] == {"batch_size": 4, "config": "v2", "learning_rate": 2e-4, "path": "x"}
+    assert first["versions"]["torch"] == torch.__version__ and first["versions"]["accelerate"] == accelerate.__version__
+    assert len(first["git"]["commit"]) == 40 if first["git"] else True
+
+
+@pytest.mark.parametrize("script, expected", [
+    ("train", {"--config": "v1", "--batch_size": "16", "--learning_rate": "0.0002", "--num_workers": "4"}),
+    ("train_tacotron2", {"--batch_size": "32", "--learning_rate": "0.001", "--fmax": "8000.0"}),
+])
+def test_help_names_each_default_once(script, expected, capsys):
+    import importlib
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    blocks = re.split(r"\n  (?=--)", capsys.readouterr().out.split("\noptions:")[1])  # one per flag
+    for block in blocks:
+        assert len(re.findall(r"\bdefault\b", block, flags=re.IGNORECASE)) <= 1, block
+    for flag, value in expected.items():
+        block = next(block for block in blocks if block.startswith(flag + " "))
+        assert f"default: {value}" in " ".join(block.split()), block
