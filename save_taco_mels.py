@@ -13,6 +13,9 @@ Each clip is read and framed the way the Tacotron2's training data was (tacotron
 tacotron2_statedict.pt at the recorded level with centred STFT frames; a checkpoint folder or export of
 train_tacotron2.py with the settings in its config.json ("audio"). `DIR/taco_mels.json` records the level and the
 frame offset of the mels, and finetuning reads its target audio the same way, so mel and audio line up.
+
+Ctrl-C or SIGTERM stops it at once (the file being written is finished first); the same command again continues:
+clips whose .npy exists are skipped.
 """
 
 from __future__ import annotations
@@ -34,14 +37,15 @@ from tqdm.auto import tqdm
 from dataset import check_saved_mels_info, write_saved_mels_info
 from tacotron2 import load_tacotron2, text_to_sequence
 from tacotron2.teacher_forcing import for_vocoder, teacher_forced_mels
-from utils import MelConfig, UserError, add_config_flags, config_overrides, read_manifest, run_cli
+from training import Stopped, StopSignal
+from utils import HelpFormatter, MelConfig, UserError, add_config_flags, config_overrides, read_manifest, run_cli
 
 # The flags that choose the scale written out, not the Tacotron2's own.
 OUTPUT_SCALE = ("mel_scale", "min_db", "max_scaled_abs")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--path_to_manifest", nargs="+", required=True, help="one or more manifests (e.g. train and test)")
     add("--path_to_save", required=True, help="folder for the <wav stem>.npy files")
@@ -76,9 +80,13 @@ def resolve_mels(args: argparse.Namespace, trained: MelConfig) -> tuple[MelConfi
     return taco, out
 
 
+def temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
 def write_npy(path: Path, array: np.ndarray) -> None:
     """Write under a temporary name, then rename: a killed run never leaves a truncated .npy that would be skipped."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary_name(path)
     with open(tmp, "wb") as handle:  # a file handle, or np.save would append ".npy" to the temporary name
         np.save(handle, array)
     os.replace(tmp, path)
@@ -117,9 +125,15 @@ def main(argv: list[str] | None = None) -> int:
             "mel": {key: value for key, value in out_mel.kwargs().items() if key != "center"},
             "tacotron2": str(args.taco_weights)}
     check_saved_mels_info(out_dir, info, overwrite=args.overwrite)  # every process: any may have to stop
+    # SIGINT/SIGTERM (Ctrl-C, `timeout`, a scheduler, the launcher): stop at once, the clips being computed are
+    # redone by the next run; a .npy being written is finished first (and renamed: never half-written). Handled
+    # from here to the end on every process (installed before the barrier: before any process starts writing).
+    stop = StopSignal(announce="stopping; the next run continues from the clips written")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_saved_mels_info(out_dir, info)
+        for leftover in out_dir.glob(temporary_name(Path("*.npy")).name):  # a killed run's unfinished write
+            leftover.unlink()
     level = "as recorded" if info["audio_peak"] is None else f"peak-normalised to {info['audio_peak']}"
     frames = "centred STFT frames" if info["frame_shift"] else "the vocoder's STFT frames"
     accelerator.print(f"{len(clips)} clips -> {out_dir} ({model.config.n_mel_channels} mels, hop "
@@ -139,55 +153,69 @@ def main(argv: list[str] | None = None) -> int:
             progress.write(f"failed: {failures[-1]}", file=sys.stderr)
             progress.update(1)
 
-        todo = []
-        for manifest, row in mine:
-            if (out_dir / f"{Path(row.audio_path).stem}.npy").exists() and not args.overwrite:
-                skipped += 1
-                progress.update(1)
-                continue
-            tokens = text_to_sequence(row.transcript) if row.transcript else []
-            if not tokens:
-                fail(manifest, row, f"the transcript {row.transcript!r} has no symbol Tacotron2 knows once cleaned")
-                continue
-            try:
-                length = sf.info(row.audio_path).duration  # header only: enough to sort by
-            except Exception as error:  # soundfile raises several types for missing or corrupt files
-                fail(manifest, row, f"cannot read the audio ({error})")
-                continue
-            todo.append((length, manifest, row, torch.tensor(tokens)))
-        # Longest first, so that each batch holds clips of similar length (little padding to decode).
-        todo.sort(key=lambda item: item[0], reverse=True)
+        try:
+            with stop.interrupting():
+                todo = []
+                for manifest, row in mine:
+                    if (out_dir / f"{Path(row.audio_path).stem}.npy").exists() and not args.overwrite:
+                        skipped += 1
+                        progress.update(1)
+                        continue
+                    tokens = text_to_sequence(row.transcript) if row.transcript else []
+                    if not tokens:
+                        fail(manifest, row, f"the transcript {row.transcript!r} has no symbol Tacotron2 knows once "
+                             "cleaned")
+                        continue
+                    try:
+                        length = sf.info(row.audio_path).duration  # header only: enough to sort by
+                    except Exception as error:  # soundfile raises several types for missing or corrupt files
+                        fail(manifest, row, f"cannot read the audio ({error})")
+                        continue
+                    todo.append((length, manifest, row, torch.tensor(tokens)))
+                # Longest first, so that each batch holds clips of similar length (little padding to decode).
+                todo.sort(key=lambda item: item[0], reverse=True)
 
-        for start in range(0, len(todo), args.batch_size):
-            batch = []
-            for _, manifest, row, tokens in todo[start:start + args.batch_size]:
-                try:
-                    audio = torch.from_numpy(taco_mel.load(row.audio_path))
-                except UserError as error:
-                    fail(manifest, row, str(error))
-                    continue
-                if len(audio) < taco_mel.hop_size:
-                    fail(manifest, row, f"shorter than one hop ({len(audio)} samples)")
-                    continue
-                # The Tacotron2's own frames (NVIDIA's: one more than len // hop); teacher forcing keeps the count.
-                batch.append((manifest, row, tokens, taco_mel.mel(audio), len(audio)))
-            if not batch:
-                continue
-            mels = teacher_forced_mels(model, [item[2] for item in batch], [item[3] for item in batch])
-            for (_, row, _, _, num_samples), mel in zip(batch, mels):
-                mel = for_vocoder(mel, num_samples, taco_mel, out_mel)  # len(audio) // hop frames
-                write_npy(out_dir / f"{Path(row.audio_path).stem}.npy", mel.cpu().numpy().astype(np.float32))
-                wrote += 1
-                progress.update(1)
+                for start in range(0, len(todo), args.batch_size):
+                    batch = []
+                    for _, manifest, row, tokens in todo[start:start + args.batch_size]:
+                        try:
+                            audio = torch.from_numpy(taco_mel.load(row.audio_path))
+                        except UserError as error:
+                            fail(manifest, row, str(error))
+                            continue
+                        if len(audio) < taco_mel.hop_size:
+                            fail(manifest, row, f"shorter than one hop ({len(audio)} samples)")
+                            continue
+                        # The Tacotron2's own frames (NVIDIA's: one more than len // hop); teacher forcing keeps
+                        # the count.
+                        batch.append((manifest, row, tokens, taco_mel.mel(audio), len(audio)))
+                    if not batch:
+                        continue
+                    mels = teacher_forced_mels(model, [item[2] for item in batch], [item[3] for item in batch])
+                    for (_, row, _, _, num_samples), mel in zip(batch, mels):
+                        mel = for_vocoder(mel, num_samples, taco_mel, out_mel)  # len(audio) // hop frames
+                        with stop.protected():
+                            write_npy(out_dir / f"{Path(row.audio_path).stem}.npy",
+                                      mel.cpu().numpy().astype(np.float32))
+                            wrote += 1
+                            progress.update(1)
+        except Stopped:
+            pass
         progress.close()
 
-    counts = gather_object([(wrote, skipped, len(failures))])
-    wrote, skipped, failed = (sum(column) for column in zip(*counts))
+    counts = gather_object([(wrote, skipped, len(failures), stop.received or "")])
+    signals = sorted({received for *_, received in counts if received})
+    wrote, skipped, failed = (sum(column) for column in list(zip(*counts))[:3])
     accelerator.print(f"wrote {wrote}, skipped {skipped}, failed {failed} ({out_dir})")
+    left = len(clips) - wrote - skipped - failed
+    if signals and left:
+        accelerator.print(f"stopped by {' and '.join(signals)} with {left} clip(s) left; run the same command again "
+                          "to continue (written clips are skipped)")
     if failed:
         accelerator.print(f"{failed} clip(s) failed (named above); fix them and run again: written clips are skipped")
     # Leave the process group before exiting: a rank that exits inside it is aborted (SIGABRT) by gloo's threads.
     accelerator.end_training()
+    stop.restore()
     return 1 if failed else 0
 
 

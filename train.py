@@ -14,7 +14,9 @@ import dataclasses
 import itertools
 import json
 import os
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,12 +50,22 @@ from training import (
     check_launch,
     checkpoint_contents,
     complete_checkpoints,
+    record_run,
     resume,
     setup_trackers,
+    signal_safe_workers,
     start_trackers,
     state_files,
 )
-from utils import UserError, add_config_flags, config_overrides, interleave_speakers, mel_spectrogram, run_cli
+from utils import (
+    HelpFormatter,
+    UserError,
+    add_config_flags,
+    config_overrides,
+    interleave_speakers,
+    mel_spectrogram,
+    run_cli,
+)
 from vocoding import vocode
 
 VALIDATION_CHUNK_FRAMES = 1024  # about 12 s of 22 kHz audio per generator call
@@ -64,7 +76,7 @@ VALIDATION_CHUNK_FRAMES = 1024  # about 12 s of 22 kHz audio per generator call
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = parser.add_argument
     # Run and data
     add("--experiment_name", required=True, help="run folder name under --working_directory")
@@ -334,11 +346,15 @@ def log_media(accelerator: Accelerator, report_to: str | None, step: int, sample
 
 @torch.no_grad()
 def validate(generator: Generator, loader: DataLoader, config: HifiGanConfig, device: torch.device,
-             num_audio_samples: int) -> tuple[float, list]:
-    """Mel L1 on whole utterances (the paper's validation metric), plus a few clips to listen to."""
+             num_audio_samples: int, stop: Callable[[], bool] | None = None) -> tuple[float | None, list]:
+    """Mel L1 on whole utterances (the paper's validation metric), plus a few clips to listen to. None instead of
+    the error when `stop()` turned true on the way (a stop signal: the run saves and exits rather than finish it)."""
     generator.eval()
     total, count, samples = 0.0, 0, []
     for i, (mel, audio, loss_mel) in enumerate(loader):
+        if stop is not None and stop():
+            generator.train()
+            return None, samples
         loss_mel = loss_mel.to(device)
         # In chunks (exact, see vocoding.vocode), so a 10-minute clip costs no more memory than a short one.
         audio_generated = vocode(generator, mel[0], max_chunk_frames=VALIDATION_CHUNK_FRAMES)[None].to(device)
@@ -355,6 +371,7 @@ def validate(generator: Generator, loader: DataLoader, config: HifiGanConfig, de
 
 def main(argv: list[str] | None = None) -> Generator:
     """Train; returns this process's (unwrapped) generator."""
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     config = build_config(args)
     run_dir = Path(args.working_directory) / args.experiment_name
@@ -403,9 +420,12 @@ def main(argv: list[str] | None = None) -> Generator:
     # Workers that stay alive across epochs and keep batches queued, so the GPU never waits on audio decoding
     # (the wait per step is logged as train/data_wait_seconds_per_step).
     workers = {"persistent_workers": True, "prefetch_factor": 4} if args.num_workers > 0 else {}
+    # The workers leave stop signals, which reach every process of the job, to the main process: it saves and stops.
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                              num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda", **workers)
-    val_loader = DataLoader(val_set, batch_size=1, shuffle=False, num_workers=min(args.num_workers, 1))
+                              num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda",
+                              **workers, **signal_safe_workers(args.num_workers))
+    val_loader = DataLoader(val_set, batch_size=1, shuffle=False, num_workers=min(args.num_workers, 1),
+                            **signal_safe_workers(min(args.num_workers, 1)))
 
     # Models, optimisers, schedulers
     generator = Generator(config)
@@ -434,6 +454,8 @@ def main(argv: list[str] | None = None) -> Generator:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        # How to reproduce it: the command, every flag (defaults included), the versions
+        record_run(run_dir, __file__, argv, vars(args), accelerator.num_processes, state.step)
     report_to = start_trackers(accelerator, report_to, args.experiment_name, run_dir,
                                {**vars(args), **config.to_dict()})
 
@@ -447,12 +469,15 @@ def main(argv: list[str] | None = None) -> Generator:
     def validate_now() -> None:
         if accelerator.is_main_process:
             val_error, samples = validate(accelerator.unwrap_model(generator), val_loader, config,
-                                          accelerator.device, args.num_audio_samples)
-            accelerator.print(f"step {state.step}: validation mel L1 {val_error:.4f}")
-            accelerator.log({"val/mel_error": val_error}, step=state.step)
-            names = [Path(row.audio_path).stem + (f" ({row.speaker})" if row.speaker else "")
-                     for row in val_set.rows[:len(samples)]]
-            log_media(accelerator, report_to, state.step, samples, config.sampling_rate, names)
+                                          accelerator.device, args.num_audio_samples, stop=run.stopping)
+            if val_error is None:
+                accelerator.print(f"step {state.step}: validation cut short by {run.stop_signal.received}")
+            else:
+                accelerator.print(f"step {state.step}: validation mel L1 {val_error:.4f}")
+                accelerator.log({"val/mel_error": val_error}, step=state.step)
+                names = [Path(row.audio_path).stem + (f" ({row.speaker})" if row.speaker else "")
+                         for row in val_set.rows[:len(samples)]]
+                log_media(accelerator, report_to, state.step, samples, config.sampling_rate, names)
         accelerator.wait_for_everyone()
 
     def export(folder: Path) -> None:  # the inference generator inside each checkpoint, for inference.py, --finetune

@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,11 +33,13 @@ from training import (
     RunControl,
     StepLog,
     check_launch,
+    record_run,
     resume,
     setup_trackers,
+    signal_safe_workers,
     start_trackers,
 )
-from utils import MelConfig, UserError, add_config_flags, config_overrides, run_cli, save_audio
+from utils import HelpFormatter, MelConfig, UserError, add_config_flags, config_overrides, run_cli, save_audio
 from vocoding import griffin_lim
 
 # ---------------------------------------------------------------------------------------------
@@ -44,7 +48,7 @@ from vocoding import griffin_lim
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = parser.add_argument
     # Run and data
     add("--experiment_name", required=True, help="run folder name under --working_directory")
@@ -164,12 +168,17 @@ def init_weights(model: Tacotron2, path: str | os.PathLike) -> MelConfig:
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def validate(model: Tacotron2, loader: DataLoader, device: torch.device) -> tuple[dict[str, float], tuple]:
+def validate(model: Tacotron2, loader: DataLoader, device: torch.device, stop: Callable[[], bool] | None = None
+             ) -> tuple[dict[str, float] | None, tuple]:
     """Teacher-forced losses over the validation set (masked as in training), plus the first clip's
-    (tokens, ground-truth mel, predicted post-net mel, alignment) for plots."""
+    (tokens, ground-truth mel, predicted post-net mel, alignment) for plots. None instead of the losses when `stop()`
+    turned true on the way (a stop signal: the run saves and exits rather than finish it)."""
     model.eval()
     totals, total_frames, first = torch.zeros(4), 0, None
     for text, text_lengths, mel, gate, output_lengths in loader:
+        if stop is not None and stop():
+            model.train()
+            return None, first
         text, mel, gate = text.to(device), mel.to(device), gate.to(device)
         mel_out, mel_postnet, gate_out, alignments = model(text, text_lengths, mel, output_lengths)
         losses = tacotron2_loss(mel_out, mel_postnet, gate_out, mel, gate, output_lengths)
@@ -264,6 +273,7 @@ def log_validation_media(accelerator: Accelerator, report_to: str | None, step: 
 
 def main(argv: list[str] | None = None) -> Tacotron2:
     """Train; returns this process's (unwrapped) model."""
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     config = build_config(args)
     mel = mel_config(args)
@@ -294,11 +304,13 @@ def main(argv: list[str] | None = None) -> Tacotron2:
     pin = accelerator.device.type == "cuda"
     # The loader draws its seeds from a generator of its own, not the global one that the prenet's dropout uses:
     # a resumed run starts its iterator mid-epoch, and must not shift the dropout masks by doing so.
+    # The workers leave stop signals, which reach every process of the job, to the main process: it saves and stops.
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
                               num_workers=args.num_workers, pin_memory=pin,
-                              generator=torch.Generator().manual_seed(args.seed))
+                              generator=torch.Generator().manual_seed(args.seed),
+                              **signal_safe_workers(args.num_workers))
     val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, collate_fn=collate,
-                            num_workers=min(args.num_workers, 1))
+                            num_workers=min(args.num_workers, 1), **signal_safe_workers(min(args.num_workers, 1)))
     # What each process's share of the loader yields once prepared: whole batches only (drop_last).
     steps_per_epoch = len(train_loader) // accelerator.num_processes
     if steps_per_epoch == 0:
@@ -328,6 +340,8 @@ def main(argv: list[str] | None = None) -> Tacotron2:
     state = resume(accelerator, args.resume_from_checkpoint, run_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        # How to reproduce it: the command, every flag (defaults included), the versions
+        record_run(run_dir, __file__, argv, vars(args), accelerator.num_processes, state.step)
     report_to = start_trackers(accelerator, report_to, args.run_name or args.experiment_name, run_dir, vars(args))
 
     def validate_now() -> None:
@@ -336,12 +350,15 @@ def main(argv: list[str] | None = None) -> Tacotron2:
             # not change the training run (a resumed run, which did not validate at that point, stays identical).
             with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
                 unwrapped = accelerator.unwrap_model(model)
-                losses, first = validate(unwrapped, val_loader, accelerator.device)
-                accelerator.print(f"step {state.step}: validation loss {losses['val/loss']:.4f} (mel "
-                                  f"{losses['val/loss_mel']:.4f}, post-net {losses['val/loss_mel_postnet']:.4f}, "
-                                  f"gate {losses['val/loss_gate']:.4f})")
-                accelerator.log(losses, step=state.step)
-                log_validation_media(accelerator, report_to, state.step, unwrapped, first, save_dir)
+                losses, first = validate(unwrapped, val_loader, accelerator.device, stop=run.stopping)
+                if losses is None:
+                    accelerator.print(f"step {state.step}: validation cut short by {run.stop_signal.received}")
+                else:
+                    accelerator.print(f"step {state.step}: validation loss {losses['val/loss']:.4f} (mel "
+                                      f"{losses['val/loss_mel']:.4f}, post-net {losses['val/loss_mel_postnet']:.4f}, "
+                                      f"gate {losses['val/loss_gate']:.4f})")
+                    accelerator.log(losses, step=state.step)
+                    log_validation_media(accelerator, report_to, state.step, unwrapped, first, save_dir)
         accelerator.wait_for_everyone()
 
     progress = tqdm(total=max_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train",

@@ -1,5 +1,6 @@
 """The run machinery both training scripts share (train.py for HiFi-GAN, train_tacotron2.py): where a run is,
-atomic checkpoints and resume, the launch check, stop signals, trackers, and per-step bookkeeping.
+atomic checkpoints and resume, the launch check, stop signals (also save_taco_mels.py's), the record of how a run was
+started, trackers, and per-step bookkeeping.
 
 A checkpoint is an accelerate `save_state` folder `<run_dir>/checkpoint_<step>/`, written as `.tmp_checkpoint_<step>`
 and renamed once complete (with a `checkpoint_complete` marker inside), plus `train_state.json` and the model's
@@ -8,11 +9,17 @@ inference weights; the last N are kept. See docs/design.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
+import multiprocessing
+import multiprocessing.context
 import os
+import shlex
 import shutil
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -213,28 +220,184 @@ def check_launch(accelerator: Accelerator) -> None:
                         "multi-process CPU training set ACCELERATE_USE_CPU=1 before `accelerate launch --multi_gpu`")
 
 
-class StopSignal:
-    """SIGTERM (preemption) or SIGINT (Ctrl-C) asks the loop to finish its step, save and exit.
+def ignore_stop_signals(worker_id: int | None = None, main_pid: int | None = None) -> None:
+    """A DataLoader's `worker_init_fn`: its workers ignore the stop signals sent to the job, SIGINT and SIGTERM.
 
-    A second signal of the same kind acts as usual (kills / raises KeyboardInterrupt), so a stuck
-    run can still be stopped by force.
+    A terminal's Ctrl-C, `timeout`, torchrun's forwarding (`killpg` of each rank) and a scheduler's stop signal reach
+    every process of the job, the loader's workers included; torch's workers die of it, and the main process then
+    fails with "DataLoader worker (pid N) is killed by signal" instead of saving. The main process alone decides:
+    the workers keep loading until it is done, and exit with it (they watch their parent). A SIGTERM from the main
+    process itself (`main_pid`, by default the parent: its loader shutting them down, `multiprocessing` at exit)
+    still ends a worker: a thread waits for SIGTERM and looks at who sent it. Use it through `signal_safe_workers`,
+    which also keeps a signal from reaching a worker before this runs."""
+    main_pid = os.getppid() if main_pid is None else main_pid
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # torch never stops a worker with SIGINT
+    if not hasattr(signal, "sigwaitinfo"):  # not Linux: the sender cannot be told, SIGTERM keeps its default
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        return
+    # Blocked (already, when started by `signal_safe_workers`'s context) in the worker's only thread so far, so in
+    # every thread it starts later: a SIGTERM waits for `sigwaitinfo` below instead of killing the worker.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # ignored now; a pending one is dropped
+
+    def watch() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == main_pid:
+                os._exit(0)  # the main process ends its workers (exit 0: its loader takes no error from that)
+
+    threading.Thread(target=watch, name="stop-signal-watch", daemon=True).start()
+
+
+def _start_with_stop_signals_blocked(start: Callable[[], None]) -> None:
+    """Start a worker with SIGINT/SIGTERM blocked: it inherits the mask, so that a signal sent while it starts waits
+    until `ignore_stop_signals` has set it up (torch's worker first installs a handler that dies of SIGTERM)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+if hasattr(multiprocessing.context, "ForkContext"):  # POSIX
+    class _ForkProcess(multiprocessing.context.ForkProcess):
+        def start(self) -> None:
+            _start_with_stop_signals_blocked(super().start)
+
+    class _ForkContext(multiprocessing.context.ForkContext):
+        Process = _ForkProcess
+
+
+def signal_safe_workers(num_workers: int) -> dict:
+    """DataLoader keyword arguments for workers that leave stop signals to the main process (`ignore_stop_signals`),
+    started with the signals blocked (with the fork start method, the default on Linux); {} for no workers."""
+    if num_workers == 0:
+        return {}
+    options = {"worker_init_fn": functools.partial(ignore_stop_signals, main_pid=os.getpid())}
+    if multiprocessing.get_start_method() == "fork" and hasattr(multiprocessing.context, "ForkContext"):
+        options["multiprocessing_context"] = _ForkContext()
+    return options
+
+
+class Stopped(BaseException):
+    """Raised inside `StopSignal.interrupting()` by a stop signal. A BaseException, like KeyboardInterrupt, so that an
+    `except Exception` around some work does not take it for that work's failure."""
+
+
+class StopSignal:
+    """SIGTERM (preemption, `scancel`, `timeout`) or SIGINT (Ctrl-C) asks the run to stop cleanly: a training loop
+    finishes its step, saves and exits 0 (`RunControl`); work inside `interrupting()` is abandoned at once.
+
+    One stop often arrives several times: to the whole process group and again from the launcher (accelerate's
+    one-process launcher sends SIGTERM to its child; torchrun forwards what it gets to each rank's process group).
+    Repeats within `REPEAT_SECONDS` of the first are that same stop; one after them stops at once, as the signal
+    normally does (KeyboardInterrupt, or death by SIGTERM): a stuck run can still be stopped by hand, except while
+    a checkpoint is written (`protected()`), which finishes first.
     """
 
-    def __init__(self):
+    REPEAT_SECONDS = 3.0
+    # Several processes must stop after the same step: they agree (a tiny all-reduce) about every CHECK_SECONDS,
+    # at steps all of them compute alike, rather than after every step (each check waits for the device).
+    CHECK_SECONDS = 2.0
+    MAX_CHECK_STEPS = 100
+
+    def __init__(self, announce: str = "finishing this step, saving a checkpoint, then stopping"):
         self.received: str | None = None
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._handle)
+        self.announce = announce if os.environ.get("RANK", "0") == "0" else None  # one line per run, not per rank
+        self._first_at = 0.0
+        self._interrupting, self._protected = False, 0
+        self._next_check: int | None = None
+        self._last_check: tuple[int, float] | None = None
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before (for a script run inside another program, as the tests do)."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
     def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
+        name, now = signal.Signals(signum).name, time.monotonic()
+        if self.received is None:
+            self.received, self._first_at = name, now
+            if self.announce:  # a raw write: the interrupted code may be inside a print to the same stream
+                os.write(2, f"\n{name}: {self.announce} (the same signal {self.REPEAT_SECONDS:.0f} s later: stop at "
+                            "once)\n".encode())
+            if self._interrupting and not self._protected:
+                self._interrupting = False
+                raise Stopped(name)
+            return
+        if now - self._first_at < self.REPEAT_SECONDS or self._protected:
+            return  # the same stop, forwarded by a launcher; or a checkpoint being written, which finishes first
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signum)
 
-    def agreed(self, accelerator: Accelerator) -> bool:
-        """True on every process once any process got a signal (they must all save the same step)."""
-        flag = torch.tensor([1.0 if self.received else 0.0], device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flag = accelerator.reduce(flag, reduction="sum")
-        return bool(flag.item() > 0)
+    @contextlib.contextmanager
+    def interrupting(self):
+        """Within: a stop signal raises `Stopped` at once (for work that the next run redoes, with nothing to
+        finish first); `protected()` inside it shields a write, after which `Stopped` is raised."""
+        if self.received:
+            raise Stopped(self.received)
+        self._interrupting = True
+        try:
+            yield
+        finally:
+            self._interrupting = False
+
+    @contextlib.contextmanager
+    def protected(self):
+        """Within: no signal interrupts (a checkpoint or file being written); a stop waits for the end."""
+        self._protected += 1
+        try:
+            yield
+        finally:
+            self._protected -= 1
+        if not self._protected and self._interrupting and self.received:
+            self._interrupting = False
+            raise Stopped(self.received)
+
+    def agreed(self, accelerator: Accelerator, step: int, sync: bool = False) -> bool:
+        """True on every process once any process got a signal, after the same step on all of them.
+
+        One process: this process's flag, no tensor, no wait. Several: an all-reduce of the flag at the first step,
+        at every `sync` (steps that all processes pass with `sync`: after a checkpoint, a validation), and then every
+        few steps: as many as take about CHECK_SECONDS, measured on each process and agreed on (the smallest), so
+        that every process checks at the same steps, and a stop waits at most about CHECK_SECONDS longer."""
+        if accelerator.num_processes == 1:
+            return self.received is not None
+        if not sync and self._next_check is not None and step < self._next_check:
+            return False
+        now = time.perf_counter()
+        interval = 1
+        if self._last_check is not None and step > self._last_check[0]:
+            rate = (step - self._last_check[0]) / max(now - self._last_check[1], 1e-6)  # steps per second
+            interval = int(min(max(self.CHECK_SECONDS * rate, 1), self.MAX_CHECK_STEPS))
+        flag = 1.0 if self.received else 0.0
+        # max of (flag, -interval): any flag, the smallest interval; small integers, exact on every process
+        agreed_flag, negative_interval = accelerator.reduce(
+            torch.tensor([flag, -float(interval)], device=accelerator.device), reduction="max").tolist()
+        self._next_check, self._last_check = step + int(-negative_interval), (step, now)
+        return agreed_flag > 0
+
+
+def stop_deadline() -> tuple[float, str] | None:
+    """(seconds, what) when a launcher kills the processes that long after a stop signal: torchrun (`accelerate
+    launch` with several processes) after TORCH_ELASTIC_SHUTDOWN_TIMEOUT (30 s by default), accelerate's one-process
+    launcher after 5 s. None when nothing is known (`python train.py`; a scheduler's own grace time is not visible)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        seconds = float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+        return seconds, (f"torchrun (`accelerate launch` with several processes) kills the processes {seconds:.0f} s "
+                         "after a stop signal; allow more with TORCH_ELASTIC_SHUTDOWN_TIMEOUT=<seconds> in the launch "
+                         "command's environment")
+    try:
+        import psutil
+        parent = " ".join(psutil.Process(os.getppid()).cmdline())
+    except Exception:  # no psutil, or no access to the parent: nothing known
+        return None
+    if "accelerate" in parent and "launch" in parent:
+        return 5.0, ("`accelerate launch` with one process kills it 5 s after a stop signal; start a one-process run "
+                     "as `python <script> ...` instead (same flags), which has no such limit")
+    return None
 
 
 def find_resume_checkpoint(value: str, run_dir: Path) -> Path | None:
@@ -287,6 +450,72 @@ def load_training_state(accelerator: Accelerator, checkpoint: Path, config: dict
                 detail += "; it was trained with " + ", ".join(changed)
         raise UserError(f"cannot resume from {checkpoint}: it does not fit this run's models ({detail}). Resume with "
                         "the flags it was trained with, or start afresh under another --experiment_name") from error
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run folder says about how it was started
+# ---------------------------------------------------------------------------------------------
+
+RUN_RECORD = "commands.json"
+# The environment that changes what a run does (never credentials).
+_RECORDED_ENVIRONMENT = ("CUDA_VISIBLE_DEVICES", "WORLD_SIZE", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "WANDB_MODE",
+                         "SLURM_JOB_ID")
+
+
+def _launcher_command() -> list[str] | None:
+    """The command line of the `accelerate launch` / torchrun that started this process, if one did."""
+    try:
+        import psutil
+        command = psutil.Process(os.getppid()).cmdline()
+    except Exception:  # no psutil or no access: the script's own command line is recorded anyway
+        return None
+    text = " ".join(command)
+    return command if ("accelerate" in text and "launch" in text) or "torchrun" in text \
+        or "torch.distributed.run" in text else None
+
+
+def _git_commit(folder: Path) -> dict[str, object] | None:
+    import subprocess
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=30)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return {"commit": commit.stdout.strip(), "uncommitted_changes": bool(status.stdout.strip())}
+
+
+def record_run(run_dir: Path, script: str | os.PathLike, argv: list[str], flags: dict, processes: int,
+               start_step: int) -> Path:
+    """Append how this start of the run (the first, or a resume) was made to `<run_dir>/commands.json`: the command
+    line (the launcher's, when `accelerate launch`/torchrun started it), every flag with its value (defaults
+    included), the process count, the step it started at, the versions of Python, torch, accelerate and numpy, the
+    git commit and the environment variables that matter. Main process only."""
+    import platform
+
+    import accelerate
+    import numpy
+    script = Path(script)
+    own = shlex.join(["python", str(script), *argv])
+    launcher = _launcher_command()
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "accelerate": accelerate.__version__, "numpy": numpy.__version__}
+    if torch.cuda.is_available():
+        versions["cuda"] = torch.version.cuda
+    entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "start_step": start_step,
+             "command": shlex.join(launcher) if launcher else own, "script_command": own,
+             "processes": processes, "flags": json.loads(json.dumps(flags, default=str)), "versions": versions,
+             "git": _git_commit(script.resolve().parent),
+             "environment": {key: value for key, value in sorted(os.environ.items())
+                             if key in _RECORDED_ENVIRONMENT or key.startswith("ACCELERATE_")}}
+    record = run_dir / RUN_RECORD
+    entries = json.loads(record.read_text()) if record.exists() else []
+    tmp = record.with_name(f".{record.name}.tmp")
+    tmp.write_text(json.dumps([*entries, entry], indent=2) + "\n")
+    os.replace(tmp, record)
+    return record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,32 +663,61 @@ class RunControl:
         self.validation_steps, self.validate = validation_steps, validate
         self.stop_signal = StopSignal()  # SIGTERM/Ctrl-C: finish the step, save, exit
         self.interrupted, self.stop_reason, self.last_saved = False, None, None
+        self._sync_next = False  # an epoch's checkpoint: all processes check for a stop after the next step
+        self._deadline_warned = False
 
     def going(self) -> bool:
         return self.state.step < self.max_steps and not self.interrupted and self.stop_reason is None
 
+    def stopping(self) -> bool:
+        """This process got a stop signal (for work the main process does alone, such as validation, to cut short:
+        the loop itself stops when `after_step` says so, on every process after the same step)."""
+        return self.stop_signal.received is not None
+
     def save(self) -> None:
-        self.last_saved = save_checkpoint(self.accelerator, self.run_dir, self.state, self.keep_last, self.export,
-                                          self.contents)
+        """A checkpoint of this step, then one line: where, how big, how long it took (and a warning when a launcher
+        would kill the run before a checkpoint this slow is written after a stop signal)."""
+        started = time.perf_counter()
+        with self.stop_signal.protected():
+            self.last_saved = save_checkpoint(self.accelerator, self.run_dir, self.state, self.keep_last,
+                                              self.export, self.contents)
+        seconds = time.perf_counter() - started
+        if self.accelerator.is_main_process:
+            tqdm.write(f"step {self.state.step}: checkpoint {self.last_saved} written, "
+                       f"{_human_bytes(_folder_bytes(self.last_saved))} in {seconds:.1f} s")
+            deadline = stop_deadline()
+            if deadline is not None and seconds > deadline[0] / 2 and not self._deadline_warned:
+                self._deadline_warned = True
+                tqdm.write(f"warning: writing a checkpoint took {seconds:.1f} s: after a stop signal the run may be "
+                           f"killed before one is written. {deadline[1]}")
+
+    def _stop_agreed(self, sync: bool = False) -> bool:
+        if self.stop_signal.agreed(self.accelerator, self.state.step, sync=sync or self._sync_next):
+            self.interrupted = True
+        self._sync_next = False
+        return self.interrupted
 
     def after_step(self, stop_reason: str | None = None) -> bool:
         """After an optimiser step: True when the loop must leave the epoch (stopped, or at max_steps)."""
         if stop_reason:
             self.stop_reason = stop_reason
             return True
-        if self.checkpoint_steps and self.state.step % self.checkpoint_steps == 0:
+        saved = bool(self.checkpoint_steps and self.state.step % self.checkpoint_steps == 0)
+        if saved:
             self.save()
-        if self.stop_signal.agreed(self.accelerator):
-            self.interrupted = True
+        if self._stop_agreed(sync=saved):
             return True
         if self.state.step % self.validation_steps == 0:
             self.validate()
+            if self._stop_agreed(sync=True):  # a signal during validation: stop now, not some steps later
+                return True
         return self.state.step >= self.max_steps
 
     def after_epoch(self) -> None:
         """After an epoch ran to its end (the final checkpoint is `finish`'s)."""
         if self.state.epoch % self.checkpoint_epochs == 0 and self.state.step < self.max_steps:
             self.save()
+            self._sync_next = True
 
     def finish(self, advice: str) -> Path:
         """The last checkpoint (unless this very step has one); then, for a run stopped by non-finite steps, one line
@@ -470,17 +728,20 @@ class RunControl:
             self.save()
         if self.stop_reason is not None:
             accelerator.end_training()
+            self.stop_signal.restore()
             raise UserError(f"{self.stop_reason}; saved the last good state in {self.last_saved}. {advice}")
         if self.interrupted:
             accelerator.print(f"stopped by {self.stop_signal.received or 'a signal on another process'} after step "
                               f"{state.step}; saved {self.last_saved}. Continue with --resume_from_checkpoint latest")
             accelerator.end_training()
+            self.stop_signal.restore()
             return self.last_saved
         if state.step % self.validation_steps != 0:
             self.validate()
         if accelerator.is_main_process:
             try:
-                self.export(self.run_dir)
+                with self.stop_signal.protected():
+                    self.export(self.run_dir)
             except Exception as error:
                 if not _is_write_error(error):
                     raise
@@ -490,6 +751,7 @@ class RunControl:
                                 "for inference") from error
             accelerator.print(f"saved {self.last_saved} and the inference weights in {self.run_dir}")
         accelerator.end_training()
+        self.stop_signal.restore()
         return self.last_saved
 
 

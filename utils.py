@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import csv
 import dataclasses
 import functools
@@ -174,6 +175,30 @@ _FLAG_TYPES = {"int": {"type": int}, "float": {"type": float}, "str": {"type": s
                "float | None": {"type": float_or_none}, "bool": {"action": argparse.BooleanOptionalAction},
                "tuple[int, ...]": {"type": int_list, "nargs": "+"},
                "tuple[tuple[int, ...], ...]": {"type": nested_int_tuple}}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with each flag's default said once: "(default: X)" after the help of every flag that has one, unless
+    its help already speaks of its default (or it has none: None, or a switch that is off)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and self._shows_default(action):
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        default = action.default
+        return (default is not None and default is not False and default != argparse.SUPPRESS
+                and bool(action.option_strings)
+                and not isinstance(action, argparse._HelpAction | argparse._VersionAction))
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if self._shows_default(action) and "default" not in help_text.lower():
+            help_text += " (default: %(default)s)"
+        return help_text
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_class: type, title: str,

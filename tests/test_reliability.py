@@ -1,4 +1,5 @@
-"""Fault injection: bad data, non-finite losses, SIGTERM, kill -9 mid-checkpoint, malicious pickles, determinism."""
+"""Fault injection: bad data, non-finite losses, kill -9 mid-checkpoint, malicious pickles, determinism (stop signals:
+test_stop_signals.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -194,50 +194,8 @@ def test_nonfinite_loss_skips_the_step_and_too_many_stop_the_run(tmp_path, tiny_
     assert (tmp_path / "nan" / "checkpoint_3" / "checkpoint_complete").exists()
 
 
-def wait_for(predicate, process: subprocess.Popen, log: Path, timeout: float = HANG_TIMEOUT) -> None:
-    """Until `predicate()`; fails at once if the process ends first (a crash must not wait out the hang guard)."""
-    deadline = time.time() + timeout
-    while not predicate():
-        assert process.poll() is None, f"exited {process.returncode} first:\n{log.read_text()[-3000:]}"
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.2)
-
-
-@pytest.mark.slow
-def test_sigterm_under_two_process_accelerate_launch_saves_and_resumes(tmp_path, tiny_corpus):
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-              "--num_cpu_threads_per_process", "1"]
-    command = launch + train_command(tmp_path, tiny_corpus, "--max_steps", "100000")[1:]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    log = open(tmp_path / "log.txt", "w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    wait_for(lambda: "step 3 epoch" in (tmp_path / "log.txt").read_text(), process, tmp_path / "log.txt")
-    process.send_signal(signal.SIGTERM)  # to the launcher, as `kill PID` or a scheduler would
-    process.wait(timeout=HANG_TIMEOUT)  # torchrun's agent forwards it to both ranks, then exits 1 on its own account
-    output = (tmp_path / "log.txt").read_text()
-    assert output.count("stopped by SIGTERM") == 1  # printed by the main process once both ranks agreed
-    stopped = int(re.search(r"stopped by SIGTERM after step (\d+)", output).group(1))
-    assert stopped >= 3 and (tmp_path / "run" / f"checkpoint_{stopped}" / "checkpoint_complete").exists()
-    resumed = run(launch + train_command(tmp_path, tiny_corpus, "--max_steps", str(stopped + 2),
-                                         "--resume_from_checkpoint", "latest")[1:], env={"ACCELERATE_USE_CPU": "1"})
-    output = resumed.stdout + resumed.stderr
-    assert f"at step {stopped}," in output and f"step {stopped + 1} epoch" in output
-    assert (tmp_path / "run" / f"checkpoint_{stopped + 2}" / "checkpoint_complete").exists()
-
-
-@pytest.mark.slow
-def test_ctrl_c_finishes_the_step_saves_and_exits_cleanly(tmp_path, tiny_corpus):
-    log = open(tmp_path / "log.txt", "w")
-    process = subprocess.Popen(train_command(tmp_path, tiny_corpus, "--max_steps", "100000"), stdout=log,
-                               stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    wait_for(lambda: "step 2 epoch" in (tmp_path / "log.txt").read_text(), process, tmp_path / "log.txt")
-    process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=HANG_TIMEOUT) == 0
-    output = (tmp_path / "log.txt").read_text()
-    stopped = int(re.search(r"stopped by SIGINT after step (\d+); saved", output).group(1))
-    assert "KeyboardInterrupt" not in output
-    assert (tmp_path / "run" / f"checkpoint_{stopped}" / "checkpoint_complete").exists()
+# SIGINT / SIGTERM to the job (1 and 2 processes, DataLoader workers, mid-step, validation, checkpoint write):
+# tests/test_stop_signals.py
 
 
 @pytest.mark.slow
