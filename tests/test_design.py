@@ -9,13 +9,15 @@ from conftest import REPO
 
 ENTRY_POINTS = {"train", "train_tacotron2", "save_taco_mels", "inference", "evaluate", "bench", "prep_splits",
                 "make_demo_corpus", "demo"}
+PACKAGES = ("tacotron2", "hifigan")
 
 
 def repo_modules() -> dict[str, str]:
-    """Module name -> source, for the top-level scripts and the tacotron2 package."""
+    """Module name -> source, for the top-level scripts and the packages."""
     modules = {path.stem: path.read_text() for path in REPO.glob("*.py")}
-    modules.update({("tacotron2" if path.stem == "__init__" else f"tacotron2.{path.stem}"): path.read_text()
-                    for path in (REPO / "tacotron2").glob("*.py")})
+    for package in PACKAGES:
+        modules.update({(package if path.stem == "__init__" else f"{package}.{path.stem}"): path.read_text()
+                        for path in (REPO / package).glob("*.py")})
     return modules
 
 
@@ -50,15 +52,15 @@ def test_library_modules_form_no_cycle():
     def reaches(start: str, target: str, seen: set[str]) -> bool:
         return any(nxt == target or (nxt not in seen and reaches(nxt, target, seen | {nxt}))
                    for nxt in graph.get(start, ()))
-    # (the package's __init__ only re-exports its modules; an import of the package is an import of those)
-    graph = {name: {module for dep in deps for module in (graph["tacotron2"] if dep == "tacotron2" else {dep})}
-             for name, deps in graph.items() if name != "tacotron2"}
+    # (a package's __init__ only re-exports its modules; an import of the package is an import of those)
+    graph = {name: {module for dep in deps for module in (graph[dep] if dep in PACKAGES else {dep})}
+             for name, deps in graph.items() if name not in PACKAGES}
     assert [name for name in graph if reaches(name, name, {name})] == []
 
 
 def test_comments_point_to_files_the_repo_has():
-    for path in [*REPO.glob("*.py"), *(REPO / "tacotron2").glob("*.py"), *(REPO / "tests").glob("*.py"),
-                 REPO / "README.md"]:
+    for path in [*REPO.glob("*.py"), *(REPO / "tacotron2").glob("*.py"), *(REPO / "hifigan").glob("*.py"),
+                 *(REPO / "tests").glob("*.py"), REPO / "README.md"]:
         if path.name == "test_design.py":
             continue
         assert "DESIGN.md" not in path.read_text(), f"{path.name} points to a DESIGN.md the repo does not have"
