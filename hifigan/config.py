@@ -4,6 +4,7 @@ from a preset name, a dict or a config.json (docs/design.md §3, §5)."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -12,13 +13,37 @@ from pathlib import Path
 
 from utils import MelConfig, UserError
 
+# The mel a HiFi-GAN vocoder consumes is a utils.MelConfig, whose settings are declared there, once. Each is a
+# HifiGanConfig field too (flat in config.json, a flag of train.py) but for the frames and the level, which a vocoder
+# keeps at MelConfig's defaults: uncentred frames and the official pretraining's 0.95 peak (docs/design.md §1).
+VOCODER_FIXED_MEL = ("center", "audio_peak")
+MEL_SETTINGS = tuple(setting.name for setting in dataclasses.fields(MelConfig) if setting.name not in VOCODER_FIXED_MEL)
 
-@dataclass
+
+def _with_mel_settings(cls: type) -> type:
+    """`@dataclass` for HifiGanConfig, with MEL_SETTINGS declared as fields of its own: after the model's, in
+    MelConfig's order and with MelConfig's defaults, flag types and help, and `fmax_loss` beside `fmax` (the order
+    config.json and train.py's flags have always had)."""
+    annotations = dict(inspect.get_annotations(cls))  # the class body's own, in its order
+    fmax_loss = annotations.pop("fmax_loss")
+    for setting in dataclasses.fields(MelConfig):
+        if setting.name in MEL_SETTINGS:
+            annotations[setting.name] = setting.type
+            setattr(cls, setting.name, field(default=setting.default, metadata=setting.metadata))
+        if setting.name == "fmax":
+            annotations["fmax_loss"] = fmax_loss
+    cls.__annotations__ = annotations
+    return dataclass(cls)
+
+
+@_with_mel_settings
 class HifiGanConfig:
     """Every hyper-parameter needed to rebuild the generator and its mel; serialised (flat) as config.json.
 
-    Checked on construction (`check`), so a config from flags, a preset or a config.json cannot build a model that
-    cannot work; train.py's model and mel flags are generated from these fields (utils.add_config_flags).
+    Its fields: the model's below, then MEL_SETTINGS (`sampling_rate`, `num_mels`, ..., `fmax`, `mel_scale`, ...:
+    utils.MelConfig's, declared there) and `fmax_loss`. Checked on construction (`check`), so a config from flags,
+    a preset or a config.json cannot build a model that cannot work; train.py's model and mel flags are generated
+    from these fields (utils.add_config_flags).
     """
     resblock: str = field(default="1", metadata={"choices": ["1", "2"], "help": "1: V1/V2 MRF blocks; 2: V3's"})
     upsample_rates: tuple[int, ...] = (8, 8, 2, 2)
@@ -32,19 +57,8 @@ class HifiGanConfig:
     # for quick experiments and the test suite, where the 70 M official parameters dominate a step.
     discriminator_width_divisor: int = field(default=1, metadata={
         "help": "thin every discriminator layer by this factor (1 = official; tests use 8)"})
-    # The mel the generator consumes (utils.MelConfig; docs/design.md).
-    sampling_rate: int = 22050
-    num_mels: int = 80
-    n_fft: int = 1024
-    window_size: int = 1024
-    hop_size: int = 256
-    fmin: float = 0.0
-    fmax: float | None = 8000.0
+    # Here _with_mel_settings declares MEL_SETTINGS, the mel the generator consumes, with fmax_loss after fmax.
     fmax_loss: float | None = field(default=None, metadata={"help": "mel-loss fmax (default: sampling_rate / 2)"})
-    mel_scale: str = field(default="log", metadata={"choices": ["log", "db"],
-                                                    "help": "log: natural log (official); db: the tutorial's scale"})
-    min_db: float = -100.0
-    max_scaled_abs: float = 4.0
 
     def __post_init__(self) -> None:
         self.check()
@@ -78,9 +92,7 @@ class HifiGanConfig:
     @property
     def mel(self) -> MelConfig:
         """The generator's input mel: the vocoder's frames, and the official pretraining level (0.95 peak)."""
-        return MelConfig(sampling_rate=self.sampling_rate, num_mels=self.num_mels, n_fft=self.n_fft,
-                         window_size=self.window_size, hop_size=self.hop_size, fmin=self.fmin, fmax=self.fmax,
-                         mel_scale=self.mel_scale, min_db=self.min_db, max_scaled_abs=self.max_scaled_abs)
+        return MelConfig(**{name: getattr(self, name) for name in MEL_SETTINGS})
 
     def mel_kwargs(self, for_loss: bool = False) -> dict:
         """Keyword arguments of utils.mel_spectrogram for the input mel (or the loss mel, up to fmax_loss)."""
