@@ -160,7 +160,7 @@ def hub_load_in_project(project: Path, export: Path, then: str) -> subprocess.Co
     project.mkdir()
     for name in ("utils", "model", "hub"):
         (project / f"{name}.py").write_text(f"WHOSE = 'caller'\nNAME = {name!r}\n")
-    repo_dirs = [str(REPO), str(REPO / "tacotron2")]
+    repo_dirs = [str(REPO), str(REPO / "tacotron2"), str(REPO / "hifigan")]
     script = textwrap.dedent(f"""
         import os
         import sys

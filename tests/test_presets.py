@@ -21,7 +21,7 @@ import dataset
 import train
 from dataset import MelDataset
 from model import PRESETS, SEGMENT_FRAMES, Generator, HifiGanConfig
-from utils import UserError, load_audio, mel_spectrogram
+from utils import MelConfig, UserError, load_audio, mel_spectrogram
 
 RATES = {"v1": 22050, "v2": 22050, "v3": 22050, "16khz": 16000, "24khz": 24000, "44khz": 44100, "48khz": 48000}
 
@@ -38,6 +38,32 @@ def test_presets_cover_the_rates_with_parameters_that_agree() -> None:
     assert (PRESETS["24khz"].num_mels, PRESETS["24khz"].fmax, PRESETS["24khz"].hop_size) == (100, 12000, 256)
     assert (PRESETS["44khz"].num_mels, PRESETS["44khz"].n_fft, PRESETS["44khz"].hop_size) == (128, 2048, 512)
     assert PRESETS["44khz"].fmax is None and PRESETS["16khz"].fmax == 8000
+
+
+
+def test_the_mel_settings_are_utils_melconfigs_and_config_json_keeps_its_flat_keys() -> None:
+    # HifiGanConfig reads its mel settings off MelConfig (one place to add one), all but the frames and the level,
+    # which a vocoder keeps at MelConfig's defaults.
+    mel_fields = {f.name: f for f in dataclasses.fields(MelConfig) if f.name not in ("center", "audio_peak")}
+    fields = {f.name: f for f in dataclasses.fields(HifiGanConfig)}
+    assert [name for name in fields if name in mel_fields] == list(mel_fields)
+    for name, field in mel_fields.items():
+        assert (fields[name].type, fields[name].default, fields[name].metadata) == \
+            (field.type, field.default, field.metadata), name
+    # config.json: flat, with the keys, order and defaults it has always had.
+    assert json.loads(json.dumps(HifiGanConfig().to_dict())) == {
+        "resblock": "1", "upsample_rates": [8, 8, 2, 2], "upsample_kernel_sizes": [16, 16, 4, 4],
+        "upsample_initial_channel": 512, "resblock_kernel_sizes": [3, 7, 11],
+        "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5], [1, 3, 5]], "mpd_periods": [2, 3, 5, 7, 11],
+        "discriminator_width_divisor": 1, "sampling_rate": 22050, "num_mels": 80, "n_fft": 1024, "window_size": 1024,
+        "hop_size": 256, "fmin": 0.0, "fmax": 8000.0, "fmax_loss": None, "mel_scale": "log", "min_db": -100.0,
+        "max_scaled_abs": 4.0}
+    assert list(HifiGanConfig().to_dict())[7:] == ["discriminator_width_divisor", "sampling_rate", "num_mels", "n_fft",
+                                                   "window_size", "hop_size", "fmin", "fmax", "fmax_loss", "mel_scale",
+                                                   "min_db", "max_scaled_abs"]
+    config = PRESETS["24khz"]
+    assert config.mel == MelConfig(sampling_rate=24000, num_mels=100, fmax=12000.0)  # uncentred, 0.95 peak
+    assert HifiGanConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -116,6 +116,7 @@ def test_nonfinite_steps_under_an_fp16_grad_scaler_leave_weights_and_lower_the_s
     import accelerate
     from accelerate.state import AcceleratorState, GradientState
 
+    import hifigan.losses
     import model
     from model import Generator, MultiPeriodDiscriminator, MultiScaleDiscriminator
     AcceleratorState._reset_state(True)
@@ -131,7 +132,8 @@ def test_nonfinite_steps_under_an_fp16_grad_scaler_leave_weights_and_lower_the_s
     before = {k: v.clone() for k, v in generator.state_dict().items()}
     audio = torch.from_numpy(synth_clip(2048 / 22050)).unsqueeze(0)
     mel = mel_spectrogram(audio, **TINY_CONFIG.mel_kwargs())
-    monkeypatch.setattr(model, "mel_loss", lambda a, b: (a - b).abs().mean() * float("nan"))  # NaN gradients
+    # train_step looks its losses up in hifigan.losses (model only re-exports them)
+    monkeypatch.setattr(hifigan.losses, "mel_loss", lambda a, b: (a - b).abs().mean() * float("nan"))  # NaN grads
     for _ in range(2):  # twice: the second step must not find the scaler stale
         result = model.train_step(accelerator, generator, mpd, msd, optim_g, optim_d, mel, audio, mel,
                                   TINY_CONFIG.mel_kwargs(for_loss=True))
@@ -170,10 +172,10 @@ def test_ten_minute_validation_clip_is_validated_in_bounded_chunks(tmp_path):
 @pytest.mark.slow
 def test_nonfinite_loss_skips_the_step_and_too_many_stop_the_run(tmp_path, tiny_corpus):
     # Steps 2 and 3 get a NaN mel loss: skipped (weights untouched), counted; the run goes on.
-    script = wrapper(tmp_path, "import model\ncalls = [0]\noriginal = model.mel_loss\n"
+    script = wrapper(tmp_path, "import hifigan.losses\ncalls = [0]\noriginal = hifigan.losses.mel_loss\n"
                      "def poisoned(a, b):\n    calls[0] += 1\n"
                      "    return original(a, b) * (float('nan') if calls[0] in (2, 3) else 1.0)\n"
-                     "model.mel_loss = poisoned\n")
+                     "hifigan.losses.mel_loss = poisoned\n")
     result = run(train_command(tmp_path, tiny_corpus, "--max_steps", "4", "--checkpoint_steps", "1",
                                "--keep_last_checkpoints", "10", script=script))
     output = result.stdout + result.stderr
@@ -187,7 +189,8 @@ def test_nonfinite_loss_skips_the_step_and_too_many_stop_the_run(tmp_path, tiny_
     assert all(torch.isfinite(v).all() for v in after_4.values())
 
     # Always NaN: stop after --max_nonfinite_steps in a row, with the state saved and advice given.
-    script = wrapper(tmp_path, "import model\nmodel.mel_loss = lambda a, b: (a - b).abs().mean() * float('nan')\n")
+    script = wrapper(tmp_path, "import hifigan.losses\n"
+                     "hifigan.losses.mel_loss = lambda a, b: (a - b).abs().mean() * float('nan')\n")
     result = run(train_command(tmp_path, tiny_corpus, "--max_steps", "50", "--max_nonfinite_steps", "3",
                                name="nan", script=script), expect=1)
     assert "3 steps in a row had a non-finite loss" in result.stderr and "--learning_rate" in result.stderr
