@@ -38,7 +38,17 @@ from dataset import check_saved_mels_info, write_saved_mels_info
 from tacotron2 import load_tacotron2, text_to_sequence
 from tacotron2.teacher_forcing import for_vocoder, teacher_forced_mels
 from training import Stopped, StopSignal
-from utils import HelpFormatter, MelConfig, UserError, add_config_flags, config_overrides, read_manifest, run_cli
+from utils import (
+    HelpFormatter,
+    MelConfig,
+    UserError,
+    add_config_flags,
+    config_overrides,
+    pick_device,
+    read_manifest,
+    run_cli,
+    unique_stems,
+)
 
 # The flags that choose the scale written out, not the Tacotron2's own.
 OUTPUT_SCALE = ("mel_scale", "min_db", "max_scaled_abs")
@@ -95,9 +105,7 @@ def write_npy(path: Path, array: np.ndarray) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Write the mels; returns the exit code: 1 when any clip failed, 0 otherwise."""
     args = parse_args(argv)
-    accelerator = Accelerator(cpu=args.device == "cpu")
-    if args.device == "cuda" and accelerator.device.type != "cuda":
-        raise UserError("--device cuda, but torch sees no CUDA device here; use --device auto or cpu")
+    accelerator = Accelerator(cpu=pick_device(args.device).type == "cpu")
     model = load_tacotron2(args.taco_weights).to(accelerator.device)
     taco_mel, out_mel = resolve_mels(args, model.mel)
     if taco_mel.num_mels != model.config.n_mel_channels:
@@ -105,18 +113,12 @@ def main(argv: list[str] | None = None) -> int:
                         f"settings say {taco_mel.num_mels}; drop --num_mels or fix it")
 
     # Every clip of every manifest, each once; the output name is the wav's stem, so two wavs must not share one.
-    clips, by_stem = [], {}
-    for manifest in args.path_to_manifest:
-        for row in read_manifest(manifest, check_files=False):  # a missing wav fails its row, not the run
-            stem = Path(row.audio_path).stem
-            if stem in by_stem:
-                if Path(by_stem[stem][1].audio_path).resolve() == Path(row.audio_path).resolve():
-                    continue
-                raise UserError(f"{manifest}, line {row.line}: {row.audio_path} and {by_stem[stem][1].audio_path} "
-                                f"({by_stem[stem][0]}, line {by_stem[stem][1].line}) would both be saved as "
-                                f"{stem}.npy; rename one")
-            by_stem[stem] = (manifest, row)
-            clips.append((manifest, row))
+    # (a missing wav fails its row, not the run)
+    clips = unique_stems(((manifest, row) for manifest in args.path_to_manifest
+                          for row in read_manifest(manifest, check_files=False)), ".npy",
+                         path=lambda clip: clip[1].audio_path,
+                         label=lambda clip: f"{clip[1].audio_path} ({clip[0]}, line {clip[1].line})",
+                         same_file_once=True)
     out_dir = Path(args.path_to_save)
     out_dir.mkdir(parents=True, exist_ok=True)
     # How finetuning must read the target audio of these mels; a folder holding mels made otherwise is refused
