@@ -15,13 +15,11 @@ import itertools
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -47,9 +45,12 @@ from training import (
     CudaGraphStep,
     RunControl,
     StepLog,
-    check_launch,
+    add_run_flags,
     checkpoint_contents,
     complete_checkpoints,
+    epoch_batches,
+    log_media,
+    make_accelerator,
     record_run,
     resume,
     setup_trackers,
@@ -77,25 +78,11 @@ VALIDATION_CHUNK_FRAMES = 1024  # about 12 s of 22 kHz audio per generator call
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    # The official recipe: 3100 epochs of LJSpeech at batch 16.
+    add_run_flags(parser, training_epochs=3100, checkpoint_epochs=1, batch_size=16, learning_rate=2e-4)
     add = parser.add_argument
-    # Run and data
-    add("--experiment_name", required=True, help="run folder name under --working_directory")
-    add("--working_directory", required=True, help="where checkpoints and logs go")
-    add("--path_to_train_manifest", required=True)
-    add("--path_to_val_manifest", required=True)
-    add("--training_epochs", type=int, default=3100, help="official: 3100 epochs of LJSpeech at batch 16")
-    add("--max_steps", type=int, default=None, help="stop after this many optimiser steps (overrides epochs)")
-    add("--console_out_iters", type=int, default=10, help="print a console line every N steps")
-    add("--wandb_log_iters", type=int, default=10, help="log scalars to the trackers every N steps")
-    add("--checkpoint_epochs", type=int, default=1, help="save a checkpoint every N epochs")
-    add("--checkpoint_steps", type=int, default=None, help="also save every N steps")
-    add("--validation_steps", type=int, default=1000, help="validate every N steps (and at the end)")
     add("--num_val_clips", type=int, default=None,
         help="validate on N clips only, spread over the speakers (default: all)")
-    add("--keep_last_checkpoints", type=int, default=3)
-    add("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
-    add("--batch_size", type=int, default=16, help="per process")
-    add("--num_workers", type=int, default=4)
     add("--mixed_precision", choices=["no", "bf16", "fp16"], default=None,
         help="default: what `accelerate launch`/`accelerate config` says (bf16 is the fast path)")
     add("--cuda_graphs", action=argparse.BooleanOptionalAction, default=True,
@@ -105,17 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--compile", action="store_true", help="torch.compile the generator and discriminators (inductor). Costly: "
         "on an H200 the first V1 step had not finished compiling after 170 s, and --cuda_graphs is faster")
     add("--no_tf32", action="store_true", help="keep fp32 matmuls/convs exact on Ampere+ GPUs (TF32 is on)")
-    add("--seed", type=int, default=1234)
-    add("--skip_bad_files", action="store_true", help="drop manifest rows that fail the start-up checks")
     # Optimisation
-    add("--learning_rate", type=float, default=2e-4)
     add("--beta1", type=float, default=0.8)
     add("--beta2", type=float, default=0.99)
     add("--lr_decay", type=float, default=0.999, help="ExponentialLR gamma, stepped once per epoch")
     add("--lambda_mel", type=float, default=45.0)
     add("--lambda_feature_matching", type=float, default=2.0)
-    add("--max_nonfinite_steps", type=int, default=20,
-        help="stop (after saving) when this many steps in a row had a non-finite loss or gradient")
     # Model and mel: a flag for every HifiGanConfig field (None = take it from the --config preset)
     add("--config", default="v1", help=f"a preset ({'|'.join(PRESETS)}; README: presets) or a config.json; "
                                        "explicit flags override it")
@@ -124,8 +106,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "256)")
     add_config_flags(parser, HifiGanConfig, "model and mel (default: the --config preset's)")
     # Logging
-    add("--log_wandb", action="store_true", help="same as --report_to wandb")
-    add("--report_to", choices=["wandb", "tensorboard", "none"], default=None)
     add("--num_audio_samples", type=int, default=3,
         help="validation clips logged as audio and mel images (of different speakers where the manifest has them)")
     # Finetuning on teacher-forced mels
@@ -315,33 +295,22 @@ def plot_mels(mel_true: torch.Tensor, mel_generated: torch.Tensor):
     return figure
 
 
-def log_media(accelerator: Accelerator, report_to: str | None, step: int, samples: list, sampling_rate: int,
-              names: list[str]) -> None:
+def log_validation_media(accelerator: Accelerator, report_to: str | None, step: int, samples: list,
+                         sampling_rate: int, names: list[str]) -> None:
     """Audio and mel images of a few validation clips (named by `names`: clip and speaker), ground truth beside
-    generated."""
+    generated; the ground-truth audio goes to wandb once."""
     if report_to is None or not samples:
         return
-    import matplotlib.pyplot as plt
+    first = report_to == "wandb" and (step == 0 or not hasattr(log_validation_media, "_logged_truth"))
+    figures, sounds = {}, {}
+    for i, (audio, audio_generated, mel, mel_generated) in enumerate(samples):
+        sounds[f"audio_{i}"] = (audio_generated, f"generated: {names[i]}")
+        if first:
+            sounds[f"audio_{i}_ground_truth"] = (audio, names[i])
+        figures[f"mel_{i}"] = plot_mels(mel, mel_generated)
     if report_to == "wandb":
-        import wandb
-        logs = {}
-        for i, (audio, audio_generated, mel, mel_generated) in enumerate(samples):
-            logs[f"val/audio_{i}"] = wandb.Audio(audio_generated.numpy(), sample_rate=sampling_rate,
-                                                 caption=f"generated: {names[i]}")
-            if step == 0 or not hasattr(log_media, "_logged_truth"):
-                logs[f"val/audio_{i}_ground_truth"] = wandb.Audio(audio.numpy(), sample_rate=sampling_rate,
-                                                                  caption=names[i])
-            figure = plot_mels(mel, mel_generated)
-            logs[f"val/mel_{i}"] = wandb.Image(figure)
-            plt.close(figure)
-        log_media._logged_truth = True
-        accelerator.get_tracker("wandb").log(logs, step=step)
-    elif report_to == "tensorboard":
-        writer = accelerator.get_tracker("tensorboard").writer
-        for i, (_, audio_generated, mel, mel_generated) in enumerate(samples):
-            writer.add_audio(f"val/audio_{i}", audio_generated.unsqueeze(0), step, sample_rate=sampling_rate)
-            figure = plot_mels(mel, mel_generated)
-            writer.add_figure(f"val/mel_{i}", figure, step)
+        log_validation_media._logged_truth = True
+    log_media(accelerator, report_to, step, figures, sounds, sampling_rate)
 
 
 @torch.no_grad()
@@ -377,19 +346,9 @@ def main(argv: list[str] | None = None) -> Generator:
     run_dir = Path(args.working_directory) / args.experiment_name
     report_to = setup_trackers(args.report_to, args.log_wandb)
 
-    accelerator = Accelerator(
-        log_with=report_to,
-        mixed_precision=args.mixed_precision,
-        dynamo_backend="inductor" if args.compile else None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
-        # Data order from (seed, epoch), so a resumed run replays the interrupted epoch's order.
-        # non_blocking: batches go to the GPU from pinned memory without making the host wait for the copy.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
-        # ExponentialLR steps once per *epoch*; without this, accelerate would step it with every optimiser step.
-        step_scheduler_with_optimizer=False,
-    )
-    check_launch(accelerator)
-    set_seed(args.seed, device_specific=False)
+    # non_blocking: batches go to the GPU from pinned memory without making the host wait for the copy.
+    accelerator = make_accelerator(args, run_dir, report_to, non_blocking=True, mixed_precision=args.mixed_precision,
+                                   dynamo_backend="inductor" if args.compile else None)
     # TF32 tensor cores for fp32 convs/matmuls on Ampere+ (10-bit mantissa inputs, fp32 accumulation):
     # a large speed-up that GAN vocoder training tolerates; --no_tf32 turns it off.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.no_tf32
@@ -477,7 +436,7 @@ def main(argv: list[str] | None = None) -> Generator:
                 accelerator.log({"val/mel_error": val_error}, step=state.step)
                 names = [Path(row.audio_path).stem + (f" ({row.speaker})" if row.speaker else "")
                          for row in val_set.rows[:len(samples)]]
-                log_media(accelerator, report_to, state.step, samples, config.sampling_rate, names)
+                log_validation_media(accelerator, report_to, state.step, samples, config.sampling_rate, names)
         accelerator.wait_for_everyone()
 
     def export(folder: Path) -> None:  # the inference generator inside each checkpoint, for inference.py, --finetune
@@ -500,13 +459,8 @@ def main(argv: list[str] | None = None) -> Generator:
     while run.going():
         epoch = state.epoch
         train_set.set_epoch(epoch)
-        train_loader.set_epoch(epoch)
-        # resumed mid-epoch: skip the batches already seen
-        skip = state.start_epoch_at(steps_per_epoch, args.batch_size * accelerator.num_processes)
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip > 0 else train_loader
-        fetch_start = time.perf_counter()
-        for mel, audio, loss_mel in loader:
-            step_log.data_wait += time.perf_counter() - fetch_start
+        for mel, audio, loss_mel in epoch_batches(accelerator, train_loader, state, step_log, steps_per_epoch,
+                                                  args.batch_size * accelerator.num_processes):
             losses = step(mel, audio, loss_mel)
             state.step += 1
             step_log.count(state.step, {name: losses[f"{name}_stepped"] for name in ("discriminator", "generator")})
@@ -519,7 +473,6 @@ def main(argv: list[str] | None = None) -> Generator:
             # The skipped steps left the weights untouched: what gets saved is the last good state.
             if run.after_step(step_log.too_many_nonfinite(args.max_nonfinite_steps)):
                 break
-            fetch_start = time.perf_counter()
         else:
             # The epoch ran to its end: decay the learning rate once, as the official recipe does.
             state.epoch, state.epoch_start_step = state.epoch + 1, state.step

@@ -16,23 +16,24 @@ import argparse
 import math
 import os
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from tacotron2 import Tacotron2, Tacotron2Config, load_tacotron2, save_tacotron2, symbols
-from tacotron2.data import TextMelDataset, collate, tacotron2_loss
+from tacotron2.data import TextMelDataset, collate, tacotron2_loss, train_step
 from training import (
     RunControl,
     StepLog,
-    check_launch,
+    add_run_flags,
+    epoch_batches,
+    log_media,
+    make_accelerator,
     record_run,
     resume,
     setup_trackers,
@@ -49,44 +50,21 @@ from vocoding import griffin_lim
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_run_flags(parser, training_epochs=250, checkpoint_epochs=25, batch_size=32, learning_rate=1e-3)
     add = parser.add_argument
-    # Run and data
-    add("--experiment_name", required=True, help="run folder name under --working_directory")
     add("--run_name", default=None, help="name of the run in the trackers (default: the experiment name)")
-    add("--working_directory", required=True, help="where checkpoints and logs go")
     add("--save_audio_gen", nargs="?", const="", default=None, metavar="DIR",
         help="at each validation, also write the mel/alignment plots and Griffin-Lim audio of the predicted mels "
              "to DIR (the flag alone: <run>/generated) and log the audio to the trackers")
-    add("--path_to_train_manifest", required=True, help="CSV with file_path,normalized_transcript (or metadata.csv)")
-    add("--path_to_val_manifest", required=True)
-    add("--training_epochs", type=int, default=250)
-    add("--max_steps", type=int, default=None, help="stop after this many optimiser steps (overrides epochs)")
-    add("--console_out_iters", type=int, default=10, help="print a console line every N steps")
-    add("--wandb_log_iters", type=int, default=10, help="log scalars to the trackers every N steps")
-    add("--checkpoint_epochs", type=int, default=25, help="save a checkpoint every N epochs")
-    add("--checkpoint_steps", type=int, default=None, help="also save every N steps")
-    add("--validation_steps", type=int, default=1000, help="validate every N steps (and at the end)")
-    add("--keep_last_checkpoints", type=int, default=3)
-    add("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
     add("--init_from", default=None,
         help="start from these weights: NVIDIA's tacotron2_statedict.pt or a checkpoint/export of this repo "
              "(the model flags must describe the same architecture)")
-    add("--batch_size", type=int, default=32, help="per process")
-    add("--num_workers", type=int, default=4)
-    add("--seed", type=int, default=1234)
-    add("--skip_bad_files", action="store_true",
-        help="drop manifest rows that fail the start-up checks (audio missing, unreadable, empty or shorter than a "
-             "hop; no transcript) instead of stopping; says how many")
     # Optimisation
-    add("--learning_rate", type=float, default=1e-3)
     add("--min_learning_rate", type=float, default=1e-5,
         help="the learning rate decays exponentially, step by step, from --learning_rate to this at the last step")
     add("--weight_decay", type=float, default=1e-6, help="Adam's L2 penalty (NVIDIA's 1e-6)")
     add("--adam_eps", type=float, default=1e-6)
     add("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
-    add("--max_nonfinite_steps", type=int, default=20,
-        help="stop (after saving the last good state) when this many steps in a row had a non-finite loss or "
-             "gradient (0: never stop)")
     # Model
     add("--character_embed_dim", type=int, default=512, help="symbols_embedding_dim")
     add("--encoder_kernel_size", type=int, default=5)
@@ -110,9 +88,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Audio and mel: a flag for every MelConfig field. --audio_peak and --center are recorded with the model, so
     # save_taco_mels.py and finetuning read each clip as it was read here (NVIDIA's: --audio_peak none --center).
     add_config_flags(parser, MelConfig, "audio and mel", defaults=MelConfig())
-    # Logging
-    add("--log_wandb", action=argparse.BooleanOptionalAction, default=False, help="same as --report_to wandb")
-    add("--report_to", choices=["wandb", "tensorboard", "none"], default=None)
     return parser.parse_args(argv)
 
 
@@ -228,7 +203,6 @@ def log_validation_media(accelerator: Accelerator, report_to: str | None, step: 
     --save_audio_gen, Griffin-Lim audio of both predicted mels too, logged and written to the folder."""
     if (report_to is None and save_dir is None) or first is None:
         return
-    import matplotlib.pyplot as plt
     tokens, mel_true, mel_teacher_forced, alignment = first
     model.eval()
     with warnings.catch_warnings():
@@ -251,20 +225,8 @@ def log_validation_media(accelerator: Accelerator, report_to: str | None, step: 
             figure.savefig(save_dir / f"step_{step}_{name}.png")
         for name, sound in sounds.items():
             save_audio(save_dir / f"step_{step}_{name}_griffin_lim.wav", sound, model.mel.sampling_rate)
-    if report_to == "wandb":
-        import wandb
-        logs = {f"val/{name}": wandb.Image(figure) for name, figure in figures.items()}
-        logs.update({f"val/audio_{name}": wandb.Audio(sound.numpy(), sample_rate=model.mel.sampling_rate,
-                                                       caption="Griffin-Lim") for name, sound in sounds.items()})
-        accelerator.get_tracker("wandb").log(logs, step=step)
-    elif report_to == "tensorboard":
-        writer = accelerator.get_tracker("tensorboard").writer
-        for name, figure in figures.items():
-            writer.add_figure(f"val/{name}", figure, step, close=False)
-        for name, sound in sounds.items():
-            writer.add_audio(f"val/audio_{name}", sound.unsqueeze(0), step, sample_rate=model.mel.sampling_rate)
-    for figure in figures.values():
-        plt.close(figure)
+    log_media(accelerator, report_to, step, figures,
+              {f"audio_{name}": (sound, "Griffin-Lim") for name, sound in sounds.items()}, model.mel.sampling_rate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,16 +246,7 @@ def main(argv: list[str] | None = None) -> Tacotron2:
     report_to = setup_trackers(args.report_to, args.log_wandb)
     save_dir = None if args.save_audio_gen is None else Path(args.save_audio_gen or run_dir / "generated")
 
-    accelerator = Accelerator(
-        log_with=report_to,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
-        # Data order from (seed, epoch), so a resumed run replays the interrupted epoch's order.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-        # The loop steps the scheduler once per optimiser step itself: one schedule whatever the process count.
-        step_scheduler_with_optimizer=False,
-    )
-    check_launch(accelerator)
-    set_seed(args.seed, device_specific=False)
+    accelerator = make_accelerator(args, run_dir, report_to)
     accelerator.print(f"Tacotron2 on {accelerator.num_processes} process(es), device {accelerator.device}, "
                       f"mixed precision {accelerator.mixed_precision}; {mel.mel_scale} mel")
 
@@ -379,45 +332,20 @@ def main(argv: list[str] | None = None) -> Tacotron2:
                      validation_steps=args.validation_steps, validate=validate_now)
     while run.going():
         epoch = state.epoch
-        train_loader.set_epoch(epoch)
-        # resumed mid-epoch: skip the batches already seen
-        skip = state.start_epoch_at(steps_per_epoch, args.batch_size * accelerator.num_processes)
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip > 0 else train_loader
-        fetch_start = time.perf_counter()
-        for text, text_lengths, mel, gate, output_lengths in loader:
-            step_log.data_wait += time.perf_counter() - fetch_start
-            # The batch norms' running statistics, which the forward pass updates: put back if the step is skipped.
-            buffers = [buffer.detach().clone() for buffer in model.buffers()]
-            mel_out, mel_postnet, gate_out, _ = model(text, text_lengths, mel, output_lengths)
-            loss, loss_mel, loss_postnet, loss_gate = tacotron2_loss(mel_out, mel_postnet, gate_out, mel, gate,
-                                                                     output_lengths)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0
-                                                    else math.inf)
-            # A non-finite gradient (which a non-finite loss gives) would poison the weights: skip the step, leaving
-            # weights, batch-norm statistics and optimiser state as they were. Gradients are all-reduced, so every
-            # process takes the same decision.
-            finite = bool(torch.isfinite(grad_norm))
-            if finite:
-                optimizer.step()
-            else:
-                with torch.no_grad():
-                    for buffer, saved in zip(model.buffers(), buffers):
-                        buffer.copy_(saved)
+        for batch in epoch_batches(accelerator, train_loader, state, step_log, steps_per_epoch,
+                                   args.batch_size * accelerator.num_processes):
+            # A non-finite gradient would poison the weights: the step is skipped (optimiser_stepped False).
+            losses = train_step(accelerator, model, optimizer, batch, args.grad_clip)
             scheduler.step()
             state.step += 1
-            step_log.count(state.step, {"optimiser": finite})
+            step_log.count(state.step, {"optimiser": losses["optimiser_stepped"]})
             if step_log.due(state.step):
-                scalars = {"train/loss": loss.item(), "train/loss_mel": loss_mel.item(),
-                           "train/loss_mel_postnet": loss_postnet.item(), "train/loss_gate": loss_gate.item(),
-                           "train/grad_norm": float(grad_norm), "train/learning_rate": scheduler.get_last_lr()[0],
-                           "train/epoch": epoch}
+                scalars = {f"train/{k}": float(v) for k, v in losses.items() if isinstance(v, torch.Tensor)}
+                scalars.update({"train/learning_rate": scheduler.get_last_lr()[0], "train/epoch": epoch})
                 step_log.log(state.step, scalars, console_line, {"loss": f"{scalars['train/loss']:.4f}"})
             # The skipped steps left weights and optimiser state untouched: what gets saved is the last good state.
             if run.after_step(step_log.too_many_nonfinite(args.max_nonfinite_steps)):
                 break
-            fetch_start = time.perf_counter()
         else:
             state.epoch, state.epoch_start_step = state.epoch + 1, state.step
             run.after_epoch()

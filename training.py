@@ -1,6 +1,7 @@
-"""The run machinery both training scripts share (train.py for HiFi-GAN, train_tacotron2.py): where a run is,
-atomic checkpoints and resume, the launch check, stop signals (also save_taco_mels.py's), the record of how a run was
-started, trackers, and per-step bookkeeping.
+"""The run machinery both training scripts share (train.py for HiFi-GAN, train_tacotron2.py): the run flags and the
+Accelerator, where a run is, atomic checkpoints and resume, the launch check, stop signals (also save_taco_mels.py's),
+the record of how a run was started, trackers and media logging, an epoch's batches, and per-step bookkeeping. Each
+script keeps its own loop, models, data and optimisation step; a flag added here appears in both.
 
 A checkpoint is an accelerate `save_state` folder `<run_dir>/checkpoint_<step>/`, written as `.tmp_checkpoint_<step>`
 and renamed once complete (with a `checkpoint_complete` marker inside), plus `train_state.json` and the model's
@@ -9,6 +10,7 @@ inference weights; the last N are kept. See docs/design.md.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import functools
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from utils import UserError
@@ -519,6 +522,66 @@ def record_run(run_dir: Path, script: str | os.PathLike, argv: list[str], flags:
 
 
 # ---------------------------------------------------------------------------------------------
+# The run's flags and its Accelerator
+# ---------------------------------------------------------------------------------------------
+
+def add_run_flags(parser: argparse.ArgumentParser, *, training_epochs: int, checkpoint_epochs: int, batch_size: int,
+                  learning_rate: float) -> None:
+    """The flags of the run machinery, declared here once for both training scripts; each script gives its own
+    defaults for those that differ, then adds its model's and data's flags."""
+    add = parser.add_argument
+    # Run and data
+    add("--experiment_name", required=True, help="run folder name under --working_directory")
+    add("--working_directory", required=True, help="where checkpoints and logs go")
+    add("--path_to_train_manifest", required=True,
+        help="CSV with file_path (and, for Tacotron2, normalized_transcript), or LJSpeech's metadata.csv")
+    add("--path_to_val_manifest", required=True)
+    add("--training_epochs", type=int, default=training_epochs)
+    add("--max_steps", type=int, default=None, help="stop after this many optimiser steps (overrides epochs)")
+    add("--console_out_iters", type=int, default=10, help="print a console line every N steps")
+    add("--wandb_log_iters", type=int, default=10, help="log scalars to the trackers every N steps")
+    add("--checkpoint_epochs", type=int, default=checkpoint_epochs, help="save a checkpoint every N epochs")
+    add("--checkpoint_steps", type=int, default=None, help="also save every N steps")
+    add("--validation_steps", type=int, default=1000, help="validate every N steps (and at the end)")
+    add("--keep_last_checkpoints", type=int, default=3)
+    add("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    add("--batch_size", type=int, default=batch_size, help="per process")
+    add("--num_workers", type=int, default=4)
+    add("--seed", type=int, default=1234)
+    add("--skip_bad_files", action="store_true",
+        help="drop manifest rows that fail the start-up checks (audio missing, unreadable, empty or shorter than a "
+             "hop; for Tacotron2, no transcript) instead of stopping; says how many")
+    # Optimisation
+    add("--learning_rate", type=float, default=learning_rate)
+    add("--max_nonfinite_steps", type=int, default=20,
+        help="stop (after saving the last good state) when this many steps in a row had a non-finite loss or "
+             "gradient (0: never stop)")
+    # Logging
+    add("--log_wandb", action=argparse.BooleanOptionalAction, default=False, help="same as --report_to wandb")
+    add("--report_to", choices=["wandb", "tensorboard", "none"], default=None)
+
+
+def make_accelerator(args: argparse.Namespace, run_dir: Path, report_to: str | None, *, non_blocking: bool = False,
+                     **settings) -> Accelerator:
+    """The run's Accelerator (`settings`: the script's own, e.g. mixed_precision), checked (`check_launch`) and
+    seeded: trackers, the run folder for its logs, a data order drawn from (seed, epoch), so that a resumed run replays
+    the interrupted epoch's order, and schedulers stepped by the loop itself (ExponentialLR once per epoch in
+    train.py, one schedule whatever the process count in train_tacotron2.py; accelerate would step them with every
+    optimiser step, once per process)."""
+    accelerator = Accelerator(
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
+                                                  non_blocking=non_blocking),
+        step_scheduler_with_optimizer=False,
+        **settings,
+    )
+    check_launch(accelerator)
+    set_seed(args.seed, device_specific=False)
+    return accelerator
+
+
+# ---------------------------------------------------------------------------------------------
 # Trackers
 # ---------------------------------------------------------------------------------------------
 
@@ -557,6 +620,27 @@ def start_trackers(accelerator: Accelerator, report_to: str | None, run_name: st
     if report_to == "wandb" and os.environ.get("WANDB_MODE") == "offline":
         accelerator.print(f"wandb is offline: logs go to {run_dir / 'wandb'} (upload with `wandb sync`)")
     return report_to
+
+
+def log_media(accelerator: Accelerator, report_to: str | None, step: int, figures: dict, sounds: dict,
+              sampling_rate: int) -> None:
+    """Validation figures and audio to the run's tracker, each under `val/<name>` (`sounds`: name -> (audio,
+    caption)); the figures are closed after."""
+    import matplotlib.pyplot as plt
+    if report_to == "wandb":
+        import wandb
+        logs = {f"val/{name}": wandb.Image(figure) for name, figure in figures.items()}
+        logs.update({f"val/{name}": wandb.Audio(sound.numpy(), sample_rate=sampling_rate, caption=caption)
+                     for name, (sound, caption) in sounds.items()})
+        accelerator.get_tracker("wandb").log(logs, step=step)
+    elif report_to == "tensorboard":
+        writer = accelerator.get_tracker("tensorboard").writer
+        for name, figure in figures.items():
+            writer.add_figure(f"val/{name}", figure, step, close=False)
+        for name, (sound, _) in sounds.items():
+            writer.add_audio(f"val/{name}", sound.unsqueeze(0), step, sample_rate=sampling_rate)
+    for figure in figures.values():
+        plt.close(figure)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -637,6 +721,21 @@ class StepLog:
         self.last_time, self.last_step, self.data_wait = now, step, 0.0
 
 
+def epoch_batches(accelerator: Accelerator, loader, state: TrainState, step_log: StepLog, steps_per_epoch: int,
+                  global_batch_size: int):
+    """The batches of epoch `state.epoch` (a resumed run skips those its interrupted epoch already saw), each one's
+    wait for the loader added to `step_log.data_wait`."""
+    loader.set_epoch(state.epoch)
+    skip = state.start_epoch_at(steps_per_epoch, global_batch_size)
+    if skip > 0:
+        loader = accelerator.skip_first_batches(loader, skip)
+    fetch_start = time.perf_counter()
+    for batch in loader:
+        step_log.data_wait += time.perf_counter() - fetch_start
+        yield batch
+        fetch_start = time.perf_counter()
+
+
 class RunControl:
     """The skeleton both training loops share, around their own steps: when to checkpoint (every `checkpoint_steps`
     steps, every `checkpoint_epochs` epochs), when to stop (a signal, too many non-finite steps, `max_steps`),
@@ -644,7 +743,7 @@ class RunControl:
 
         run = RunControl(...)
         while run.going():
-            for batch in loader:
+            for batch in epoch_batches(accelerator, loader, state, step_log, ...):
                 ...one optimiser step; state.step += 1...
                 if run.after_step(stop_reason):
                     break

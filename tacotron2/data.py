@@ -1,10 +1,11 @@
-"""Tacotron2's data: (symbol ids, mel) pairs from a manifest, their batches, and the training loss.
+"""Tacotron2's data: (symbol ids, mel) pairs from a manifest, their batches, the training loss and step.
 
 Shared by train_tacotron2.py and teacher forcing (tacotron2/teacher_forcing.py).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -104,3 +105,29 @@ def tacotron2_loss(mel: torch.Tensor, mel_postnet: torch.Tensor, gate: torch.Ten
     loss_gate = (F.binary_cross_entropy_with_logits(gate.float(), gate_target.float(), reduction="none")
                  * valid).sum() / frames
     return loss_mel + loss_postnet + loss_gate, loss_mel, loss_postnet, loss_gate
+
+
+def train_step(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, ...],
+               grad_clip: float) -> dict[str, torch.Tensor | bool]:
+    """One optimiser step on a `collate` batch with the *prepared* model and optimiser (`accelerator`: the run's
+    accelerate Accelerator): the losses (detached), the gradient norm before clipping (`grad_clip` 0: none), and
+    "optimiser_stepped": False when a non-finite gradient (which a non-finite loss gives) skipped the step, leaving
+    weights, batch-norm statistics and optimiser state as they were. Gradients are all-reduced, so every process
+    takes the same decision."""
+    text, text_lengths, mel, gate, output_lengths = batch
+    # The batch norms' running statistics, which the forward pass updates: put back if the step is skipped.
+    buffers = [buffer.detach().clone() for buffer in model.buffers()]
+    mel_out, mel_postnet, gate_out, _ = model(text, text_lengths, mel, output_lengths)
+    loss, loss_mel, loss_postnet, loss_gate = tacotron2_loss(mel_out, mel_postnet, gate_out, mel, gate, output_lengths)
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    finite = bool(torch.isfinite(grad_norm))
+    if finite:
+        optimizer.step()
+    else:
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), buffers):
+                buffer.copy_(saved)
+    return {"loss": loss.detach(), "loss_mel": loss_mel.detach(), "loss_mel_postnet": loss_postnet.detach(),
+            "loss_gate": loss_gate.detach(), "grad_norm": grad_norm, "optimiser_stepped": finite}

@@ -317,11 +317,13 @@ def test_nonfinite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_path
     # The loss is NaN from the second step on: steps 2-4 leave the weights alone, and the third in a row stops the
     # run with the state saved. The fault is injected from outside the code under test.
     script = tmp_path / "poisoned_train.py"
+    # (The training step, tacotron2.data.train_step, looks the loss up in its own module: patched there.)
     script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport train_tacotron2 as train\n"
-                      "from utils import run_cli\noriginal, calls = train.tacotron2_loss, [0]\n"
+                      "import tacotron2.data\n"
+                      "from utils import run_cli\noriginal, calls = tacotron2.data.tacotron2_loss, [0]\n"
                       "def poisoned(*args):\n    calls[0] += 1\n    losses = original(*args)\n"
                       "    return (losses[0] * float('nan'), *losses[1:]) if calls[0] >= 2 else losses\n"
-                      "train.tacotron2_loss = poisoned\nrun_cli(lambda: train.main(sys.argv[1:]))\n")
+                      "tacotron2.data.tacotron2_loss = poisoned\nrun_cli(lambda: train.main(sys.argv[1:]))\n")
     command = [sys.executable, str(script), "--experiment_name", "nan", "--working_directory", str(tmp_path),
                "--path_to_train_manifest", str(tiny_corpus[0]), "--path_to_val_manifest", str(tiny_corpus[1]),
                "--batch_size", "2", "--num_workers", "0", "--max_steps", "20", "--checkpoint_steps", "1",
