@@ -213,7 +213,6 @@ class DiscriminatorP(nn.Module):
         self.channels_last = False
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        feature_maps = []
         batch, channels, length = x.shape
         if length % self.period != 0:
             pad = self.period - length % self.period
@@ -226,15 +225,21 @@ class DiscriminatorP(nn.Module):
         # stay folded ([batch * period, channels, frames]): the losses only average over them.
         x = x.view(batch, channels, length // self.period, self.period).permute(0, 3, 1, 2)
         x = x.reshape(batch * self.period, channels, length // self.period)
-        if self.channels_last:
-            x = to_channels_last(x)
-        for i, layer in enumerate(self.convs):
-            x = F.leaky_relu((conv_fp32 if i == 0 else conv)(layer, x), LRELU_SLOPE)
-            feature_maps.append(x)
-        x = conv(self.conv_post, x)
-        feature_maps.append(x)
+        x, feature_maps = _conv_stack(self.convs, self.conv_post, to_channels_last(x) if self.channels_last else x)
         # The score in the official order (frame-major, then phase).
         return x.view(batch, self.period, -1).transpose(1, 2).flatten(1), feature_maps
+
+
+def _conv_stack(convs: nn.ModuleList, conv_post: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """A discriminator's body: leaky-ReLU convs (the first, on the waveform, in fp32), then conv_post; every
+    layer's output is a feature map."""
+    feature_maps = []
+    for i, layer in enumerate(convs):
+        x = F.leaky_relu((conv_fp32 if i == 0 else conv)(layer, x), LRELU_SLOPE)
+        feature_maps.append(x)
+    x = conv(conv_post, x)
+    feature_maps.append(x)
+    return x, feature_maps
 
 
 class MultiPeriodDiscriminator(nn.Module):
@@ -267,14 +272,7 @@ class DiscriminatorS(nn.Module):
         self.channels_last = False
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        feature_maps = []
-        if self.channels_last and x.dim() == 3:
-            x = to_channels_last(x)
-        for i, layer in enumerate(self.convs):
-            x = F.leaky_relu((conv_fp32 if i == 0 else conv)(layer, x), LRELU_SLOPE)
-            feature_maps.append(x)
-        x = conv(self.conv_post, x)
-        feature_maps.append(x)
+        x, feature_maps = _conv_stack(self.convs, self.conv_post, to_channels_last(x) if self.channels_last else x)
         return torch.flatten(x, 1, -1), feature_maps
 
 

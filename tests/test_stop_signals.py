@@ -130,20 +130,6 @@ def start(command: list[str], log: Path, **env: str) -> subprocess.Popen:
                                 env={**os.environ, **ENV, **env})
 
 
-def job_with_stop(command: list[str], log: Path, how: str, name: str, where: str, at: int) -> tuple[int, str]:
-    """Run `command` (through inject.py), with signal `name` sent to the job (`how`) at the `at`-th call of `where`."""
-    job = log.with_suffix(".pid")
-    process = start(command, log, STOP_HOW=how, STOP_SIGNAL=name, STOP_WHERE=where, STOP_AT=str(at),
-                    STOP_JOB=str(job))
-    job.write_text(str(process.pid))  # long before the run gets to `where`
-    try:
-        code = process.wait(timeout=HANG_TIMEOUT)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    return code, log.read_text()
-
-
 def job(command: list[str], log: Path, **stop: str) -> tuple[int, str]:
     """Run `command` to its end; with `stop` (how, signal, where, at: see INJECT), the launcher's process id goes into
     a file for the injected code to signal its job."""
