@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -320,25 +321,33 @@ def official_step(generator, mpd, msd, optim_g, optim_d, mel, audio, loss_mel_ta
     return {"loss_generator": loss_gen.detach(), "loss_mel": loss_mel.detach()}
 
 
-# The training paths: (reference, precision, TF32, cudnn.benchmark, channels-last, fused AdamW, CUDA graph).
-# "official" is the official loop as users run it (fp32 eager, cuDNN's defaults: TF32 convolutions, no autotuning;
-# its train.py turns cudnn.benchmark on); "plain fp32" is this repo's train_step without any fast option; the
-# "fast" paths are what train.py runs on a GPU.
-TrainingPath = tuple[bool, str, bool, bool, bool, bool, bool]
+class TrainingPath(NamedTuple):
+    """One way to run a training step. "official" is the official loop as users run it (fp32 eager, cuDNN's
+    defaults: TF32 convolutions, no autotuning; its train.py turns cudnn.benchmark on); "plain fp32" is this repo's
+    train_step without any fast option; the "fast" paths are what train.py runs on a GPU."""
+    official: bool
+    precision: str  # "fp32" or "bf16" (autocast through accelerate)
+    tf32: bool
+    benchmark: bool  # cudnn.benchmark
+    channels_last: bool
+    fused: bool  # fused AdamW
+    graph: bool  # one CUDA graph per step
+
+
 GPU_TRAINING_PATHS: dict[str, TrainingPath] = {
-    "official fp32": (True, "fp32", True, False, False, False, False),
-    "official fp32 + cudnn.benchmark": (True, "fp32", True, True, False, False, False),
-    "plain fp32": (False, "fp32", False, False, False, False, False),
-    "fast tf32": (False, "fp32", True, False, False, True, False),
-    "fast tf32 + CUDA graph": (False, "fp32", True, False, False, True, True),
-    "fast bf16 channels-last": (False, "bf16", True, False, True, True, False),
-    "fast bf16 channels-last + CUDA graph": (False, "bf16", True, False, True, True, True),
+    "official fp32": TrainingPath(True, "fp32", True, False, False, False, False),
+    "official fp32 + cudnn.benchmark": TrainingPath(True, "fp32", True, True, False, False, False),
+    "plain fp32": TrainingPath(False, "fp32", False, False, False, False, False),
+    "fast tf32": TrainingPath(False, "fp32", True, False, False, True, False),
+    "fast tf32 + CUDA graph": TrainingPath(False, "fp32", True, False, False, True, True),
+    "fast bf16 channels-last": TrainingPath(False, "bf16", True, False, True, True, False),
+    "fast bf16 channels-last + CUDA graph": TrainingPath(False, "bf16", True, False, True, True, True),
 }
 CPU_TRAINING_PATHS: dict[str, TrainingPath] = {
-    "official fp32": (True, "fp32", False, False, False, False, False),
-    "plain fp32": (False, "fp32", False, False, False, False, False),
-    "fast fp32 (fused AdamW)": (False, "fp32", False, False, False, True, False),
-    "fast bf16": (False, "bf16", False, False, False, True, False),
+    "official fp32": TrainingPath(True, "fp32", False, False, False, False, False),
+    "plain fp32": TrainingPath(False, "fp32", False, False, False, False, False),
+    "fast fp32 (fused AdamW)": TrainingPath(False, "fp32", False, False, False, True, False),
+    "fast bf16": TrainingPath(False, "bf16", False, False, False, True, False),
 }
 
 
@@ -405,7 +414,7 @@ def bench_training(device: torch.device, quick: bool, steps: int, only: list[str
         config, batch, segment = PRESETS["v1"], 16 if device.type == "cuda" else 2, 8192
     all_paths = GPU_TRAINING_PATHS if device.type == "cuda" else CPU_TRAINING_PATHS
     paths = {name: path for name, path in all_paths.items()
-             if not only or name in only or path[0] or name == "plain fp32"}
+             if not only or name in only or path.official or name == "plain fp32"}
     # One bf16 accelerator: a module it prepares runs under bf16 autocast; the others stay fp32 eager.
     accelerator = Accelerator(mixed_precision="bf16", cpu=device.type == "cpu")
     rows = bench_training_speed(paths, config, batch, segment, device, accelerator, quick, steps) if steps else []
@@ -489,7 +498,7 @@ def profile_training(device: torch.device, quick: bool, output: Path, only: list
     else:
         config, batch, segment = PRESETS["v1"], 16 if device.type == "cuda" else 2, 8192
     all_paths = GPU_TRAINING_PATHS if device.type == "cuda" else CPU_TRAINING_PATHS
-    names = [name for name, path in all_paths.items() if (not only or name in only or path[0])
+    names = [name for name, path in all_paths.items() if (not only or name in only or path.official)
              and "benchmark" not in name]
     accelerator = Accelerator(mixed_precision="bf16", cpu=device.type == "cpu")
     inputs = training_batch(0, config, batch, segment, device)
