@@ -52,11 +52,13 @@ from model import (
     channels_last,
     discriminator_loss,
     feature_matching_loss,
+    full_precision,
     generator_loss,
     load_generator,
     train_step,
 )
 from utils import load_audio, mel_spectrogram, pick_device, run_cli
+from vocoding import GraphedGenerator, cuda_graph_call, vocode_batch
 
 QUICK_SECONDS = 0.5  # --quick's utterance length
 
@@ -146,30 +148,11 @@ def batch_log_mel_l1(audio: torch.Tensor, reference: torch.Tensor, config) -> fl
 # Inference
 # ---------------------------------------------------------------------------------------------
 
-def cuda_graph_call(function: Callable, example: torch.Tensor) -> Callable:
-    """`function` captured as a CUDA graph for inputs shaped like `example` (warmed up on a side stream first)."""
-    static_input = example.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            function(static_input)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_output = function(static_input)
-
-    def replay(x: torch.Tensor) -> torch.Tensor:
-        static_input.copy_(x)
-        graph.replay()
-        return static_output
-    return replay
-
-
 def inference_paths(generator: Generator, device: torch.device, use_compile: bool, onnx_dir: Path | None,
                     example: torch.Tensor) -> dict[str, Callable]:
     """name -> function(mel) -> audio [B, 1, T]: the official inference first (weight norm folded, fp32, no_grad; on a
-    GPU with cuDNN's default TF32 convolutions), then every path of this repo that the device has."""
+    GPU with cuDNN's default TF32 convolutions), then every path of this repo that the device has, for mels shaped
+    like `example`."""
     folded = generator.folded_copy().to(device)
     cuda = device.type == "cuda"
 
@@ -194,13 +177,20 @@ def inference_paths(generator: Generator, device: torch.device, use_compile: boo
     else:  # (the graphs are captured in the layout and with the flags their function sets)
         paths["fp16 channels-last"] = fast(torch.float16, layout=True)
         paths["bf16 channels-last"] = fast(torch.bfloat16, layout=True)
-        paths["tf32 + CUDA graph"] = cuda_graph_call(fast(None, tf32=True), example)
-        paths["fp16 channels-last + CUDA graph"] = cuda_graph_call(fast(torch.float16, layout=True), example)
-        paths["bf16 channels-last + CUDA graph"] = cuda_graph_call(fast(torch.bfloat16, layout=True), example)
+        paths["tf32 + CUDA graph"] = cuda_graph_call(fast(None, tf32=True))
+        paths["fp16 channels-last + CUDA graph"] = cuda_graph_call(fast(torch.float16, layout=True))
+        paths["bf16 channels-last + CUDA graph"] = cuda_graph_call(fast(torch.bfloat16, layout=True))
         paths["fp16 channels-last + CUDA graph, cudnn.benchmark"] = cuda_graph_call(
-            fast(torch.float16, layout=True, benchmark=True), example)
+            fast(torch.float16, layout=True, benchmark=True))
         torch.backends.cudnn.benchmark = False
         channels_last(folded, enabled=False)
+        # What inference.py runs by default: the generator cast to float16, channels-last, through vocode_batch's
+        # fixed shapes and their CUDA graphs (the padded tail vocoded again), mels and audio through host memory.
+        half = generator.folded_copy().to(device, torch.float16)
+        channels_last(half)
+        graphed = GraphedGenerator(half, batch_size=example.size(0))
+        paths["inference.py: fp16 channels-last, fixed shapes + CUDA graphs"] = lambda mel: torch.stack(
+            vocode_batch(graphed, list(mel.cpu()))).unsqueeze(1).to(device)
     if use_compile:  # exact in fp32; each its own compiled module (autocast would otherwise force recompiles)
         paths["compiled fp32"] = fast(None, torch.compile(folded))
         paths["compiled bf16"] = fast(torch.bfloat16, torch.compile(folded))
@@ -326,7 +316,7 @@ class TrainingPath(NamedTuple):
     defaults: TF32 convolutions, no autotuning; its train.py turns cudnn.benchmark on); "plain fp32" is this repo's
     train_step without any fast option; the "fast" paths are what train.py runs on a GPU."""
     official: bool
-    precision: str  # "fp32" or "bf16" (autocast through accelerate)
+    precision: str  # "fp32"; "bf16" (all networks under bf16 autocast), "bf16 generator", "bf16 discriminators"
     tf32: bool
     benchmark: bool  # cudnn.benchmark
     channels_last: bool
@@ -342,12 +332,16 @@ GPU_TRAINING_PATHS: dict[str, TrainingPath] = {
     "fast tf32 + CUDA graph": TrainingPath(False, "fp32", True, False, False, True, True),
     "fast bf16 channels-last": TrainingPath(False, "bf16", True, False, True, True, False),
     "fast bf16 channels-last + CUDA graph": TrainingPath(False, "bf16", True, False, True, True, True),
+    # Which side bf16's quality cost comes from: each network in bf16 channels-last alone, the other TF32
+    "fast bf16 discriminators + CUDA graph": TrainingPath(False, "bf16 discriminators", True, False, True, True, True),
+    "fast bf16 generator + CUDA graph": TrainingPath(False, "bf16 generator", True, False, True, True, True),
 }
 CPU_TRAINING_PATHS: dict[str, TrainingPath] = {
     "official fp32": TrainingPath(True, "fp32", False, False, False, False, False),
     "plain fp32": TrainingPath(False, "fp32", False, False, False, False, False),
     "fast fp32 (fused AdamW)": TrainingPath(False, "fp32", False, False, False, True, False),
     "fast bf16": TrainingPath(False, "bf16", False, False, False, True, False),
+    "fast bf16 discriminators": TrainingPath(False, "bf16 discriminators", False, False, False, True, False),
 }
 
 
@@ -373,7 +367,11 @@ def setup_training_path(path: TrainingPath, config, device: torch.device, accele
     if official:
         for discriminator in mpd.discriminators:
             discriminator.forward = official_period_forward.__get__(discriminator)
-    channels_last(generator, mpd, msd, enabled=use_channels_last)
+    # bf16 for all three networks or one side (the other marked full_precision, in fp32 as train.py runs it with
+    # --mixed_precision_networks); channels-last for those in bf16
+    fp32 = {"bf16 generator": (mpd, msd), "bf16 discriminators": (generator,)}.get(precision, ())
+    full_precision(*fp32)
+    channels_last(*(m for m in (generator, mpd, msd) if m not in fp32), enabled=use_channels_last)
     # (a captured optimiser step must be `capturable`: its step counters live on the device)
     optimizer_kwargs = {"betas": (0.8, 0.99), "fused": fused, "capturable": graph}
     optim_g = torch.optim.AdamW(generator.parameters(), 2e-4, **optimizer_kwargs)
@@ -381,7 +379,7 @@ def setup_training_path(path: TrainingPath, config, device: torch.device, accele
     discriminator_parameters = [*msd.parameters(), *mpd.parameters()] if official else \
         [*mpd.parameters(), *msd.parameters()]
     optim_d = torch.optim.AdamW(discriminator_parameters, 2e-4, **optimizer_kwargs)
-    if precision == "bf16":  # a module accelerate prepares runs its forward under its bf16 autocast
+    if precision != "fp32":  # a module accelerate prepares runs its forward under its bf16 autocast
         generator, mpd, msd, optim_g, optim_d = accelerator.prepare(generator, mpd, msd, optim_g, optim_d)
     kwargs = config.mel_kwargs(for_loss=True)
 

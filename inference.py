@@ -40,6 +40,7 @@ from utils import (
     unique_stems,
 )
 from vocoding import (
+    GraphedGenerator,
     export_onnx,
     generate,
     griffin_lim,
@@ -155,6 +156,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="auto: float16 on a GPU, run channels-last (log-mel L1 0.014 to float32 with the official "
                              "V2 weights on LJSpeech; 1.5-2.1x the official inference on an H200, see the README's "
                              "Speed), float32 on the CPU (bfloat16 costs quality there)")
+    parser.add_argument("--cuda_graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="on a GPU, replay the generator from CUDA graphs: batches of --batch_size rows and "
+                             "lengths rounded up to 64 frames, each shape captured once (the padded tails vocoded "
+                             "again, exactly); not with --compile")
     parser.add_argument("--compile", action="store_true", help="torch.compile the generator (exact; worth it for "
                         "many or long inputs: the first one waits for the compiler)")
     parser.add_argument("--seed", type=int, default=1234, help="Tacotron2's prenet dropout stays on at inference")
@@ -226,21 +231,27 @@ def run(args: argparse.Namespace) -> None:
                         "tacotron2_statedict.pt or a save_tacotron2 folder)")
     dtype = DTYPES[("float16" if device == "cuda" else "float32") if args.dtype == "auto" else args.dtype]
 
-    generator = None
+    generator, how = None, str(dtype).removeprefix("torch.")
     if args.vocoder == "hifigan":
         if not args.checkpoint:
             raise UserError("--vocoder hifigan needs --checkpoint (or use --vocoder griffin_lim)")
         generator = load_vocoder(args.checkpoint, args.config, device, dtype)
         if device == "cuda" and dtype != torch.float32:
             channels_last(generator)  # cuDNN's half-precision kernels are NHWC: no transposes around each conv
+            how += ", channels-last"
         config = generator.config
         if args.compile:
             # Same numbers, fused kernels; the first input compiles (seconds to minutes), so it pays off on long
             # jobs. dynamic=True: one compile for every input length rather than one per length.
             generator = torch.compile(generator, dynamic=True)
+            how += ", torch.compile"
+        elif device == "cuda" and args.cuda_graphs:
+            # The host launches each call's ~200 kernels in one go: a few fixed shapes, one graph each.
+            generator = GraphedGenerator(generator, args.batch_size)
+            how += ", CUDA graphs"
     else:
         config = resolve_config(args.config or "v1")
-        device, dtype = "cpu", torch.float32  # griffin_lim runs on the CPU in float32
+        device, how = "cpu", "float32"  # griffin_lim runs on the CPU in float32
     jobs = collect_jobs(args, config)
     tacotron = load_tacotron2(args.taco_weights).to(device) if jobs[0].kind == "text" else None
     torch.manual_seed(args.seed)
@@ -263,7 +274,7 @@ def run(args: argparse.Namespace) -> None:
                     mels.append(text_to_mel(tacotron, job.source, config.mel, args.max_decoder_steps)[0])
             tick = time.perf_counter()
             if generator is not None:
-                audios = vocode_batch(generator, mels, args.max_chunk_frames, batch_size=len(mels))
+                audios = vocode_batch(generator, mels, args.max_chunk_frames, batch_size=args.batch_size)
             else:
                 audios = [griffin_lim(mel, config, args.griffin_lim_iters) for mel in mels]
             vocoder_seconds += time.perf_counter() - tick
@@ -276,7 +287,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"wrote {len(jobs)} file(s) to {output_dir}: {audio_seconds:.1f} s of audio in {total_seconds:.2f} s, "
           f"RTF {total_seconds / max(audio_seconds, 1e-9):.4f} = {audio_seconds / max(total_seconds, 1e-9):.1f}x "
           f"real time (vocoder alone: RTF {vocoder_seconds / max(audio_seconds, 1e-9):.4f} = "
-          f"{audio_seconds / max(vocoder_seconds, 1e-9):.1f}x) on {device}, {str(dtype).removeprefix('torch.')}, "
+          f"{audio_seconds / max(vocoder_seconds, 1e-9):.1f}x) on {device}, {how}, "
           f"{torch.get_num_threads()} CPU thread(s)")
 
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -137,8 +138,71 @@ def context_frames(config: HifiGanConfig) -> int:
     return math.ceil(reach) + 1
 
 
-def vocode_batch(generator: Generator, mels: list[torch.Tensor], max_chunk_frames: int | None = None,
-                 batch_size: int = 8) -> list[torch.Tensor]:
+def cuda_graph_call(function: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`function(x)` replayed from CUDA graphs, one per input shape: the host launches a whole call (~200 kernels for
+    V1) at once instead of kernel by kernel, which is most of the time of a short utterance on a fast GPU.
+
+    A new shape runs twice eagerly on a side stream (cuDNN chooses and initialises its kernels there), is captured,
+    and from then on replays. All graphs share one memory pool: safe because calls run one at a time and each
+    returns a copy of its output (a later replay may reuse the memory of an earlier one's). If capture fails, the
+    calls run eagerly, with a warning."""
+    graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+    pool = None
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        nonlocal pool
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in graphs:
+            if pool is False:  # a capture failed before: eager from then on
+                return function(x)
+            static_input = x.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    function(static_input)
+            torch.cuda.current_stream().wait_stream(side)
+            pool = torch.cuda.graph_pool_handle() if pool is None else pool
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    static_output = function(static_input)
+            except RuntimeError as error:
+                warnings.warn(f"CUDA graph capture failed, running eagerly instead: {error}", stacklevel=2)
+                pool = False
+                return function(x)
+            graphs[key] = graph, static_input, static_output
+        graph, static_input, static_output = graphs[key]
+        static_input.copy_(x)
+        graph.replay()
+        return static_output.clone()
+    return call
+
+
+class GraphedGenerator:
+    """A generator for `vocode_batch` that runs on fixed shapes, so that a few CUDA graphs serve every input: batches
+    of `batch_size` rows (filled up with silent rows) and `frames_multiple` frames (padded with silence; the tails
+    this padding touches are vocoded again exactly, as for batch mates). On a CPU the same shapes run eagerly (what
+    the tests check); on a GPU each shape is one graph (`cuda_graph_call`).
+
+    Shapes that would each be used once run eagerly on the generator itself: a mel longer than vocode_batch's
+    `max_chunk_frames` (chunked by `vocode`), and the tail of a mel shorter than 2 x `context_frames`."""
+
+    def __init__(self, generator: Generator, batch_size: int, frames_multiple: int = 64):
+        self.generator, self.config = generator, generator.config
+        self.batch_size, self.frames_multiple = batch_size, frames_multiple
+        device = next(generator.parameters()).device
+        self.call = cuda_graph_call(generator) if device.type == "cuda" else generator
+
+    def parameters(self):  # (for `generate`: the device and dtype inputs go to)
+        return self.generator.parameters()
+
+    def __call__(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.call(mel)
+
+
+def vocode_batch(generator: Generator | GraphedGenerator, mels: list[torch.Tensor],
+                 max_chunk_frames: int | None = None, batch_size: int = 8) -> list[torch.Tensor]:
     """Vocode many mels; returns float32 CPU audio [frames * hop] for each, in the input order, each what `vocode`
     makes of that mel alone (to float32 rounding), whatever it is batched with.
 
@@ -146,8 +210,12 @@ def vocode_batch(generator: Generator, mels: list[torch.Tensor], max_chunk_frame
     that padding small); a mel longer than `max_chunk_frames` goes alone through `vocode`'s chunking. The padding
     would leak into the last frames of a shorter mel through the receptive field (up to 7e-3 on real speech), so
     those frames are vocoded again from the mel alone: its last `context_frames` frames with as many frames of its
-    own context before them, those tails batched with each other (they have equal lengths: no padding).
+    own context before them, those tails batched with each other (they have equal lengths: no padding). A
+    `GraphedGenerator` gets its fixed shapes: its batch size and lengths rounded up to its `frames_multiple`.
     """
+    fixed = isinstance(generator, GraphedGenerator)
+    eager = generator.generator if fixed else generator
+    batch_size = generator.batch_size if fixed else batch_size
     mels = [_check_mel(generator, mel) for mel in mels]
     hop, silence = hop_of(generator), silence_level(generator.config)
     context = context_frames(generator.config)
@@ -155,22 +223,29 @@ def vocode_batch(generator: Generator, mels: list[torch.Tensor], max_chunk_frame
     short = []
     for i, mel in enumerate(mels):
         if max_chunk_frames is not None and mel.size(1) > max_chunk_frames:
-            outputs[i] = vocode(generator, mel, max_chunk_frames)
+            outputs[i] = vocode(eager, mel, max_chunk_frames)
         else:
             short.append(i)
     short.sort(key=lambda i: mels[i].size(1))
+
+    def rows_of(batch: list[torch.Tensor], frames: int) -> torch.Tensor:
+        """The batch as one tensor of `frames` frames (silence after each mel), with silent rows to the fixed size."""
+        padded = torch.full((batch_size if fixed else len(batch), batch[0].size(0), frames), silence)
+        for row, mel in enumerate(batch):
+            padded[row, :, :mel.size(1)] = mel
+        return padded
+
     padded_ones = []
     with torch.inference_mode():
         for batch_start in range(0, len(short), batch_size):
             indices = short[batch_start:batch_start + batch_size]
-            longest = mels[indices[-1]].size(1)
-            padded = torch.full((len(indices), mels[indices[0]].size(0), longest), silence)
-            for row, i in enumerate(indices):
-                padded[row, :, :mels[i].size(1)] = mels[i]
-            audio = generate(generator, padded)
+            frames = mels[indices[-1]].size(1)
+            if fixed:
+                frames = math.ceil(frames / generator.frames_multiple) * generator.frames_multiple
+            audio = generate(generator, rows_of([mels[i] for i in indices], frames))
             for row, i in enumerate(indices):
                 outputs[i] = audio[row, :mels[i].size(1) * hop].clone()
-            padded_ones += [i for i in indices if mels[i].size(1) < longest]
+            padded_ones += [i for i in indices if mels[i].size(1) < frames]
         # Tails of equal length batch together; a mel of under 2 x context frames is vocoded again whole.
         by_length: dict[int, list[int]] = {}
         for i in padded_ones:
@@ -178,7 +253,8 @@ def vocode_batch(generator: Generator, mels: list[torch.Tensor], max_chunk_frame
         for length, indices in by_length.items():
             for batch_start in range(0, len(indices), batch_size):
                 batch = indices[batch_start:batch_start + batch_size]
-                audio = generate(generator, torch.stack([mels[i][:, mels[i].size(1) - length:] for i in batch]))
+                tails = rows_of([mels[i][:, mels[i].size(1) - length:] for i in batch], length)
+                audio = generate(generator if length == 2 * context else eager, tails)
                 keep = (context if length == 2 * context else length) * hop  # a whole short mel: all of it
                 for row, i in enumerate(batch):
                     outputs[i][-keep:] = audio[row, -keep:]

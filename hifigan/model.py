@@ -7,6 +7,7 @@ half-precision layout (`conv`, `channels_last`).
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -82,6 +83,24 @@ def channels_last(*modules: nn.Module, enabled: bool = True) -> None:
                 sub.channels_last = enabled
 
 
+def full_precision(*modules: nn.Module, enabled: bool = True) -> None:
+    """Run these networks (Generator, MultiPeriodDiscriminator, MultiScaleDiscriminator) in float32 even under
+    autocast, e.g. the generator while the discriminators run in bf16 (train.py --mixed_precision_networks)."""
+    for module in modules:
+        module.full_precision = enabled
+
+
+def _honours_full_precision(forward):
+    """A network's forward, with autocast turned off inside when the network is marked `full_precision`."""
+    @functools.wraps(forward)
+    def run(self: nn.Module, x: torch.Tensor, *more: torch.Tensor):
+        if self.full_precision and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return forward(self, x, *more)
+        return forward(self, x, *more)
+    return run
+
+
 class ResBlock1(nn.Module):
     """MRF residual block, V1/V2 flavour: per dilation, a dilated conv then a plain conv."""
 
@@ -142,7 +161,9 @@ class Generator(nn.Module):
         self.ups.apply(init_weights)
         self.conv_post.apply(init_weights)
         self.channels_last = False  # model.channels_last()
+        self.full_precision = False  # model.full_precision()
 
+    @_honours_full_precision
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         x = conv(self.conv_pre, to_channels_last(mel) if self.channels_last else mel)
         for i, up in enumerate(self.ups):
@@ -246,7 +267,9 @@ class MultiPeriodDiscriminator(nn.Module):
     def __init__(self, periods: tuple[int, ...] = (2, 3, 5, 7, 11), width_divisor: int = 1):
         super().__init__()
         self.discriminators = nn.ModuleList([DiscriminatorP(p, width_divisor=width_divisor) for p in periods])
+        self.full_precision = False
 
+    @_honours_full_precision
     def forward(self, audio: torch.Tensor, audio_generated: torch.Tensor):
         """Scores and feature maps for real and generated audio: (real_scores, fake_scores, real_fmaps, fake_fmaps)."""
         return _run_discriminators(self.discriminators, [None] * len(self.discriminators), audio, audio_generated)
@@ -285,7 +308,9 @@ class MultiScaleDiscriminator(nn.Module):
                                              DiscriminatorS(width_divisor=width_divisor),
                                              DiscriminatorS(width_divisor=width_divisor)])
         self.meanpools = nn.ModuleList([nn.AvgPool1d(4, 2, padding=2), nn.AvgPool1d(4, 2, padding=2)])
+        self.full_precision = False
 
+    @_honours_full_precision
     def forward(self, audio: torch.Tensor, audio_generated: torch.Tensor):
         return _run_discriminators(self.discriminators, [None, *self.meanpools], audio, audio_generated)
 

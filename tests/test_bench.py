@@ -32,7 +32,7 @@ def test_quick_bench(tmp_path):
     # shares the cores, spinning OpenMP threads slow each other down ~100× (seen here: 146 s instead of 20).
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     result = subprocess.run([sys.executable, "bench.py", "--quick", "--output", str(output), "--wav", str(wav),
-                             "--quality_steps", "2", "--quality_path", "fast bf16"],
+                             "--quality_steps", "2", "--quality_path", "fast bf16,fast bf16 discriminators"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(output.read_text())
@@ -43,7 +43,8 @@ def test_quick_bench(tmp_path):
 
     training = {row["path"]: row for row in results["training"]}
     # the official loop first: every speed-up is a ratio to it
-    assert list(training) == ["official fp32", "plain fp32", "fast fp32 (fused AdamW)", "fast bf16"]
+    assert list(training) == ["official fp32", "plain fp32", "fast fp32 (fused AdamW)", "fast bf16",
+                              "fast bf16 discriminators"]
     for row in training.values():
         assert TRAINING_KEYS <= set(row), TRAINING_KEYS - set(row)
         assert row["model"] == "v1" and row["all_finite"] is True
@@ -57,8 +58,14 @@ def test_quick_bench(tmp_path):
     assert training["fast fp32 (fused AdamW)"]["log_mel_l1_vs_plain"] < training["fast bf16"]["log_mel_l1_vs_plain"]
     assert training["official fp32"]["log_mel_l1_vs_plain"] < training["fast bf16"]["log_mel_l1_vs_plain"]
     quality = results["training_quality"]
-    assert quality["fast_paths"] == ["fast bf16"] and quality["plain fp32"]["ratio_to_plain"] == 1.0
-    assert math.isfinite(quality["fast bf16"]["ratio_to_plain"])
+    assert quality["fast_paths"] == ["fast bf16", "fast bf16 discriminators"]
+    assert quality["plain fp32"]["ratio_to_plain"] == 1.0
+    # bf16 in the discriminators only: the generator's own forward stays fp32, so its first mel L1 (before any step)
+    # is plain fp32's exactly; all-bf16's is not
+    assert quality["fast bf16 discriminators"]["mel_l1_first"] == quality["plain fp32"]["mel_l1_first"]
+    assert quality["fast bf16"]["mel_l1_first"] != quality["plain fp32"]["mel_l1_first"]
+    for name in quality["fast_paths"]:
+        assert math.isfinite(quality[name]["ratio_to_plain"])
 
     inference = results["inference"]
     cells = {(row["model"], row["batch"], row["path"]) for row in inference}

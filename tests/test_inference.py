@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -297,3 +298,34 @@ def test_not_a_generator_exits_1_without_traceback(bad_inputs, clip_mel):
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert "discriminator" in result.stderr and "do_00000100" in result.stderr
+
+
+def test_graphed_generator_runs_a_few_fixed_shapes_and_each_clip_as_alone(tiny_vocoder, clip_mel):
+    """inference.py's CUDA-graph path: every batch a fixed number of rows and a length rounded up to 16 frames here,
+    so that a few graphs serve any mix of lengths, and each clip still comes out as if vocoded alone (the padded
+    tails vocoded again). On the CPU the same shapes run eagerly: what is checked is the shapes and the numbers."""
+    context = vocoding.context_frames(TINY)
+    lengths = [1, context, 2 * context, 37, 50, 64, 79, 101, 130, clip_mel.shape[1] - 3]
+    mels = [clip_mel[:, 3:3 + n] for n in lengths] + [torch.cat([clip_mel, clip_mel], dim=1)]  # the last: chunked
+    assert [mel.shape[1] for mel in mels[:-1]] == lengths
+    max_chunk_frames = clip_mel.shape[1] + 10
+    shapes = []
+    hook = tiny_vocoder.register_forward_pre_hook(lambda module, inputs: shapes.append(tuple(inputs[0].shape)))
+    try:
+        graphed = vocoding.GraphedGenerator(tiny_vocoder, batch_size=3, frames_multiple=16)
+        outputs = vocoding.vocode_batch(graphed, mels, max_chunk_frames=max_chunk_frames)
+    finally:
+        hook.remove()
+    for mel, audio in zip(mels, outputs):
+        alone = vocoding.vocode(tiny_vocoder, mel, max_chunk_frames=max_chunk_frames)
+        assert audio.shape == alone.shape
+        assert (audio - alone).abs().max() < 1e-5, mel.shape  # padding and silent rows do not leak in
+    batched = {frames for rows, _, frames in shapes if rows == 3}
+    ordered = sorted(lengths)
+    whole_batches = {16 * math.ceil(max(ordered[i:i + 3]) / 16) for i in range(0, len(ordered), 3)}
+    # Whole batches: their longest rounded up to 16 frames; tails: 2 x context frames, or a whole mel shorter than
+    # that (those few run eagerly on the GPU). Without the rounding there would be a shape per batch.
+    assert whole_batches <= batched, (whole_batches, batched)
+    assert batched <= whole_batches | {2 * context} | {n for n in lengths if n < 2 * context}, batched
+    assert all(shape[0] == 1 for shape in shapes if shape[0] != 3)  # only the chunked mel runs alone
+    assert len([shape for shape in shapes if shape[0] == 1]) >= 2  # ... in chunks

@@ -167,6 +167,32 @@ def test_channels_last_layout_computes_the_same_networks_and_losses():
                                    model.feature_matching_loss(plain_out[2], plain_out[3]), rtol=1e-5, atol=1e-6)
 
 
+def test_full_precision_networks_run_float32_under_autocast():
+    """--mixed_precision_networks discriminators: the generator marked full_precision computes its exact fp32 output
+    under the bf16 autocast accelerate wraps around its forward, while unmarked networks run in bf16."""
+    torch.manual_seed(0)
+    generator = model.Generator(TINY).eval()
+    mpd, msd = MultiPeriodDiscriminator((2, 3), 8).eval(), MultiScaleDiscriminator(8).eval()
+    mel, audio = torch.randn(2, TINY.num_mels, 12), torch.randn(2, 1, 12 * TINY.hop_size).clamp(-1, 1)
+    audio_generated = generator(mel)
+    plain = (audio_generated, mpd(audio, audio_generated), msd(audio, audio_generated))
+
+    def under_autocast():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return generator(mel), mpd(audio, audio_generated), msd(audio, audio_generated)
+    mixed = under_autocast()
+    assert not torch.equal(mixed[0], plain[0]) and mixed[1][2][0][1].dtype == torch.bfloat16  # autocast took hold
+    model.full_precision(generator)
+    generator_only = under_autocast()
+    assert torch.equal(generator_only[0], plain[0])
+    assert generator_only[1][2][0][1].dtype == torch.bfloat16  # the discriminators still in bf16
+    model.full_precision(mpd, msd)
+    everything = under_autocast()
+    for plain_out, out in zip(plain[1:], everything[1:]):
+        assert all(torch.equal(a, b) for a, b in zip(plain_out[0], out[0]))  # scores
+        assert out[2][0][1].dtype == torch.float32
+
+
 def _tiny_training(fused: bool):
     import accelerate
     torch.manual_seed(0)

@@ -98,6 +98,23 @@ def test_two_process_ddp_keeps_generators_identical(tmp_path, tiny_corpus):
 
 
 @pytest.mark.slow
+def test_mixed_precision_for_the_discriminators_only_keeps_the_generator_in_fp32(tmp_path, tiny_corpus):
+    # The first step's mel loss is the untrained generator's output: the same as an fp32 run's when only the
+    # discriminators run in bf16, another when the generator does too.
+    def first_mel_loss(*flags: str) -> tuple[subprocess.CompletedProcess, str]:
+        result = run_train(tmp_path, tiny_corpus, "--max_steps", "1", "--mixed_precision", "bf16", *flags,
+                           name="discriminators" if flags else "all")
+        return result, re.search(r"step 1 epoch 0: .* mel (\S+)", result.stdout + result.stderr).group(1)
+    discriminators, mel_discriminators = first_mel_loss("--mixed_precision_networks", "discriminators")
+    assert "mixed precision bf16 (discriminators)" in discriminators.stdout
+    everything, mel_everything = first_mel_loss()
+    assert "mixed precision bf16," in everything.stdout
+    fp32 = run_train(tmp_path, tiny_corpus, "--max_steps", "1", name="fp32")
+    mel_fp32 = re.search(r"step 1 epoch 0: .* mel (\S+)", fp32.stdout + fp32.stderr).group(1)
+    assert mel_discriminators == mel_fp32 != mel_everything
+
+
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, tiny_corpus):
     # 4 steps per epoch (8 clips, batch 2): stop at 6 (mid-epoch) and resume to 10, vs 10 straight.
     run_train(tmp_path, tiny_corpus, "--max_steps", "10", name="straight")
