@@ -583,6 +583,12 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [name for name in presets if name not in PRESETS]
     if unknown:
         parser.error(f"--presets: unknown {', '.join(unknown)}; choose from {', '.join(PRESETS)} or 'all'")
+    training_paths = GPU_TRAINING_PATHS if device.type == "cuda" else CPU_TRAINING_PATHS
+    for flag, names in (("--training_paths", args.training_paths), ("--quality_path", args.quality_path)):
+        unknown = [name for name in (names or "").split(",") if name and name not in training_paths]
+        if unknown:  # (found before the first step, not after minutes of timing)
+            parser.error(f"{flag}: no {device.type} training path {', '.join(map(repr, unknown))}; the "
+                         f"{device.type} ones: {', '.join(training_paths)}")
 
     machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or
                platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),

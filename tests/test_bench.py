@@ -111,3 +111,33 @@ def test_bench_sample_rate_presets(tmp_path):
     bad = subprocess.run([*command[:-4], "--presets", "v1,96khz"], cwd=REPO, capture_output=True, text=True,
                          timeout=HANG_TIMEOUT)
     assert bad.returncode == 2 and "unknown 96khz" in bad.stderr
+
+
+def test_the_gpu_script_passes_flags_and_paths_its_scripts_accept(tmp_path):
+    """bench_gpu.sh runs where device time is scarce: a renamed flag or training path must fail here, not there.
+    Its `python` is replaced by a checker that parses each command with the script's own parser."""
+    checker, log = tmp_path / "check.py", tmp_path / "log.txt"
+    checker.write_text(
+        f"import sys\nsys.path.insert(0, {str(REPO)!r})\nscript, argv = sys.argv[1], sys.argv[2:]\n"
+        "if script == '-':\n    sys.exit(0)  # the inline corpus builder\n"
+        "if script == 'bench.py':\n"
+        "    import bench\n"
+        "    for flag in ('--training_paths', '--quality_path'):\n"
+        "        names = argv[argv.index(flag) + 1].split(',')\n"
+        "        assert set(names) <= set(bench.GPU_TRAINING_PATHS), names\n"
+        "else:\n"
+        "    import importlib\n"
+        "    importlib.import_module(script.removesuffix('.py')).parse_args(argv)\n"
+        f"open({str(log)!r}, 'a').write(script + '\\n')\n")
+    wavs = tmp_path / "wavs"
+    wavs.mkdir()
+    sf.write(wavs / "a.wav", synth_clip(0.3), 22050)
+    result = subprocess.run(["bash", "bench_gpu.sh", str(wavs), str(tmp_path / "generator"), str(tmp_path / "out")],
+                            cwd=REPO, env={**os.environ, "PYTHON": f"{sys.executable} {checker}"},
+                            capture_output=True, text=True, timeout=HANG_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert log.read_text().split() == ["bench.py", "train.py", "train.py", "inference.py", "inference.py"], \
+        result.stdout + result.stderr
+    # and without its two arguments it says how to call it
+    usage = subprocess.run(["bash", "bench_gpu.sh"], cwd=REPO, capture_output=True, text=True)
+    assert usage.returncode == 2 and "bash bench_gpu.sh WAV_DIR GENERATOR [OUT_DIR]" in usage.stderr
