@@ -97,6 +97,94 @@ def test_two_process_ddp_keeps_generators_identical(tmp_path, tiny_corpus):
     assert exported["conv_post.bias"].abs().item() > 0
 
 
+# A wrapper around train.py that counts, per prepared model, the gradient buckets DDP launches an all-reduce for, and
+# notes for each launch: which accelerator.backward call it came in (None: outside any), whether autograd was still
+# running, how many of the model's gradients backward had yet to compute (still None after zero_grad(set_to_none=True)),
+# and whether the bucket's gradients are the bucket itself (gradient_as_bucket_view). It dumps those and the models'
+# weights, first and last.
+# 4 KiB buckets split the tiny models' gradients (48 KB generator, 1-2 MB discriminators) into several, as DDP's
+# default 25 MB buckets split V1's (53 MB generator, 157 MB mpd, 113 MB msd).
+DDP_PROBE = """
+import dataclasses, os, sys, torch
+sys.path.insert(0, {repo!r})
+import accelerate, train
+from accelerate.utils import DistributedDataParallelKwargs
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+launches, models, initial, backwards = [], {{}}, {{}}, {{"count": 0, "now": None}}
+
+def counting(name, model):
+    def hook(state, bucket):
+        launches.append({{"model": name, "backward": backwards["now"], "bucket": bucket.index(),
+                         "last": bucket.is_last(), "autograd_running": torch._C._current_graph_task_id() != -1,
+                         "pending": sum(p.grad is None for p in model.parameters()),
+                         "views": all(p.grad is not None and p.grad.data_ptr() == g.data_ptr()
+                                      for p, g in zip(bucket.parameters(), bucket.gradients()))}})
+        return allreduce_hook(state, bucket)
+    return hook
+
+prepare, backward = accelerate.Accelerator.prepare, accelerate.Accelerator.backward
+
+def prepare_counted(self, *objects):
+    self.ddp_handler = dataclasses.replace(self.ddp_handler or DistributedDataParallelKwargs(), bucket_cap_mb={cap_mb})
+    prepared = prepare(self, *objects)
+    for name, model in zip(("generator", "mpd", "msd"), prepared):
+        models[name] = model.module
+        initial[name] = {{k: p.detach().clone() for k, p in model.module.named_parameters()}}
+        model.register_comm_hook(None, counting(name, model.module))
+    return prepared
+
+def backward_counted(self, loss, **kwargs):
+    backwards["now"] = backwards["count"]
+    backward(self, loss, **kwargs)
+    backwards["now"], backwards["count"] = None, backwards["count"] + 1
+
+accelerate.Accelerator.prepare, accelerate.Accelerator.backward = prepare_counted, backward_counted
+train.main(sys.argv[1:])
+torch.save({{"launches": launches, "initial": initial, "final": {{n: m.state_dict() for n, m in models.items()}}}},
+           f"rank{{os.environ['RANK']}}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_two_process_ddp_overlaps_all_reduce_with_backward(tmp_path, tiny_corpus):
+    wrapper = tmp_path / "train_and_count.py"
+    wrapper.write_text(DDP_PROBE.format(repo=str(REPO), cap_mb=4096 / 2**20))
+    steps = 3
+    run_train(tmp_path, tiny_corpus, "--max_steps", str(steps), processes=2, script=wrapper)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    # train_step's backward calls alternate: 2k the discriminators' loss, 2k + 1 the generator's (in no_sync(mpd, msd))
+    reduces_in = {"generator": 1, "mpd": 0, "msd": 0}  # the parity of the backward calls each model reduces in
+    for rank, dump in enumerate(ranks):
+        launches = dump["launches"]
+        assert all(launch["backward"] is not None and launch["autograd_running"] for launch in launches), \
+            f"rank {rank}: an all-reduce launched outside backward: {launches}"
+        assert {launch["backward"] for launch in launches} == set(range(2 * steps)), launches
+        for name, parity in reduces_in.items():
+            ours = [launch for launch in launches if launch["model"] == name]
+            # mpd/msd: nothing in the generator's backward (no_sync); the generator: nothing in the discriminators'
+            assert ours and all(launch["backward"] % 2 == parity for launch in ours), f"rank {rank} {name}: {ours}"
+            for step in range(steps):
+                buckets = [launch for launch in ours if launch["backward"] == 2 * step + parity]
+                # each bucket once, in order, every step: one backward's buckets and no more
+                assert [launch["bucket"] for launch in buckets] == list(range(len(buckets))), buckets
+                assert buckets[-1]["last"] and buckets[-1]["pending"] == 0, buckets
+                # gradient_as_bucket_view (train.py): the gradients are the buckets themselves
+                assert all(launch["views"] for launch in buckets), buckets
+                if step > 0:  # DDP's first step reduces one bucket; it rebuilds them by size after it
+                    # Overlap: the first bucket went out while backward still had gradients of this model to compute.
+                    assert len(buckets) > 1 and buckets[0]["pending"] > 0, f"rank {rank} {name}: {buckets}"
+    assert ranks[0]["launches"] == ranks[1]["launches"]
+    for name in reduces_in:
+        final = [dump["final"][name] for dump in ranks]
+        assert final[0].keys() == final[1].keys()
+        for key in final[0]:
+            assert torch.equal(final[0][key], final[1][key]), f"{name}.{key} differs between ranks"
+        for key, start in ranks[0]["initial"][name].items():
+            assert torch.equal(start, ranks[1]["initial"][name][key])
+            assert not torch.equal(final[0][key], start), f"{name}.{key} did not train"
+
+
 @pytest.mark.slow
 def test_mixed_precision_for_the_discriminators_only_keeps_the_generator_in_fp32(tmp_path, tiny_corpus):
     # The first step's mel loss is the untrained generator's output: the same as an fp32 run's when only the
