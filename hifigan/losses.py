@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from typing import TYPE_CHECKING
@@ -70,6 +71,20 @@ def step_if_finite(accelerator: Accelerator, optimizer: torch.optim.Optimizer, f
     return finite
 
 
+@contextlib.contextmanager
+def frozen(*modules: torch.nn.Module):
+    """No parameter gradients for these modules inside the block (gradients still flow through them to their
+    inputs); requires_grad is restored after."""
+    parameters = [p for module in modules for p in module.parameters() if p.requires_grad]
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+
+
 def train_step(accelerator: Accelerator, generator: torch.nn.Module, mpd: torch.nn.Module, msd: torch.nn.Module,
                optim_g: torch.optim.Optimizer, optim_d: torch.optim.Optimizer, mel: torch.Tensor, audio: torch.Tensor,
                loss_mel_target: torch.Tensor, mel_kwargs_loss: dict, lambda_mel: float = 45.0,
@@ -98,10 +113,11 @@ def train_step(accelerator: Accelerator, generator: torch.nn.Module, mpd: torch.
                                            torch.isfinite(loss_disc.detach()) & torch.isfinite(grad_norm_d))
 
     # Generator step: adversarial + feature matching + mel L1, through the just-updated discriminators.
-    # Their own gradients from this pass are thrown away (zeroed before the next discriminator step),
-    # so under DDP they need not be all-reduced: no_sync saves that communication.
+    # Their own gradients from this pass would be thrown away, so they are not computed (frozen: the backward skips
+    # their weight gradients, and the real audio's pass builds no graph at all), and under DDP nothing of theirs is
+    # all-reduced (no_sync).
     optim_g.zero_grad(set_to_none=True)
-    with accelerator.no_sync(mpd), accelerator.no_sync(msd):
+    with accelerator.no_sync(mpd), accelerator.no_sync(msd), frozen(mpd, msd):
         _, fake_period, fmap_real_period, fmap_fake_period = mpd(audio, audio_generated)
         _, fake_scale, fmap_real_scale, fmap_fake_scale = msd(audio, audio_generated)
         loss_mel = mel_loss(loss_mel_target, mel_generated)

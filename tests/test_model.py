@@ -225,6 +225,34 @@ def test_fused_adamw_step_trains_like_the_plain_one_and_skips_nonfinite_steps_on
     assert runs[True] == pytest.approx(runs[False], rel=1e-4)
 
 
+def test_the_generator_pass_computes_no_discriminator_gradients_and_trains_the_same(monkeypatch):
+    """The discriminators are frozen while the generator's loss goes back through them: each of their parameters
+    gets its gradient once a step (the discriminator step), and the weights after the steps equal those of the step
+    that computed and threw away the extra gradients."""
+    import contextlib
+
+    import hifigan.losses
+    from utils import mel_spectrogram
+    audio = 0.5 * torch.sin(torch.arange(2 * 2048).view(2, 2048) * 0.05)
+    mel = mel_spectrogram(audio, **TINY.mel_kwargs())
+    weights = {}
+    for freeze in (True, False):
+        if not freeze:
+            monkeypatch.setattr(hifigan.losses, "frozen", lambda *modules: contextlib.nullcontext())
+        accelerator, generator, mpd, msd, optim_g, optim_d = _tiny_training(fused=True)
+        calls = []
+        for parameter in [*mpd.parameters(), *msd.parameters()]:
+            parameter.register_hook(lambda grad, calls=calls: calls.append(1))
+        for _ in range(2):
+            model.train_step(accelerator, generator, mpd, msd, optim_g, optim_d, mel, audio, mel,
+                             TINY.mel_kwargs(for_loss=True))
+        parameters = len(list(mpd.parameters())) + len(list(msd.parameters()))
+        assert len(calls) == (1 if freeze else 2) * 2 * parameters
+        assert all(p.requires_grad for p in [*mpd.parameters(), *msd.parameters()])  # restored
+        weights[freeze] = [t.clone() for m in (generator, mpd, msd) for t in m.state_dict().values()]
+    assert all(torch.equal(a, b) for a, b in zip(weights[True], weights[False]))
+
+
 def test_step_log_fetches_device_flags_in_batches_and_reports_each_skipped_step(capsys):
     import accelerate
     from tqdm import tqdm
