@@ -24,9 +24,10 @@ first_wav=$(find "$wavs" -maxdepth 1 -name '*.wav' | sort | head -1)
 
 echo "== bench.py: training (V1, 16 x 8192) and inference (V1, V2), one run"
 $python bench.py --device cuda --rounds 4 --train_steps 10 --presets v1,v2 --no_onnx \
-    --training_paths "plain fp32,fast tf32 + CUDA graph,fast bf16 channels-last + CUDA graph,fast bf16 discriminators + CUDA graph,fast bf16 generator + CUDA graph" \
+    --training_paths "plain fp32,fast tf32 + CUDA graph,fast tf32 channels-last + CUDA graph,fast bf16 channels-last + CUDA graph,fast bf16 discriminators + CUDA graph,fast bf16 generator + CUDA graph" \
     --quality_steps 300 --quality_path "fast tf32 + CUDA graph,fast bf16 discriminators + CUDA graph" \
-    --checkpoint "v2=$generator" --wav "$first_wav" --output "$out/bench.json" 2>&1 | tee "$out/bench.txt"
+    --profile "$out/profile.md" --checkpoint "v2=$generator" --wav "$first_wav" --output "$out/bench.json" 2>&1 \
+    | tee "$out/bench.txt"
 
 echo "== train.py, the real entry point: 16 clips x 64 copies (an epoch of 64 steps at batch 16), 200 steps"
 corpus=$out/corpus
