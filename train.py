@@ -458,7 +458,8 @@ def main(argv: list[str] | None = None) -> Generator:
     def console_line(scalars: dict[str, float]) -> str:
         return (f"step {state.step} epoch {state.epoch}: gen {scalars['train/loss_generator']:.3f} "
                 f"disc {scalars['train/loss_discriminator']:.3f} mel {scalars['train/loss_mel']:.4f} "
-                f"lr {scalars['train/learning_rate']:.2e} {scalars['train/steps_per_second']:.2f} steps/s")
+                f"lr {scalars['train/learning_rate']:.2e} {scalars['train/steps_per_second']:.2f} steps/s "
+                f"(data wait {1e3 * scalars['train/data_wait_seconds_per_step']:.0f} ms/step)")
 
     def step(mel: torch.Tensor, audio: torch.Tensor, loss_mel: torch.Tensor) -> dict:
         return train_step(accelerator, generator, mpd, msd, optim_g, optim_d, mel, audio, loss_mel, mel_kwargs_loss,
