@@ -158,8 +158,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "Speed), float32 on the CPU (bfloat16 costs quality there)")
     parser.add_argument("--cuda_graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="on a GPU, replay the generator from CUDA graphs: batches of --batch_size rows and "
-                             "lengths rounded up to 64 frames, each shape captured once (the padded tails vocoded "
-                             "again, exactly); not with --compile")
+                             "lengths rounded up to 64 frames (the padded tails vocoded again, exactly), a shape "
+                             "captured the second time it comes; pays most at small batches; not with --compile")
     parser.add_argument("--compile", action="store_true", help="torch.compile the generator (exact; worth it for "
                         "many or long inputs: the first one waits for the compiler)")
     parser.add_argument("--seed", type=int, default=1234, help="Tacotron2's prenet dropout stays on at inference")

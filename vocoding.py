@@ -142,38 +142,41 @@ def cuda_graph_call(function: Callable[[torch.Tensor], torch.Tensor]) -> Callabl
     """`function(x)` replayed from CUDA graphs, one per input shape: the host launches a whole call (~200 kernels for
     V1) at once instead of kernel by kernel, which is most of the time of a short utterance on a fast GPU.
 
-    A new shape runs twice eagerly on a side stream (cuDNN chooses and initialises its kernels there), is captured,
-    and from then on replays. All graphs share one memory pool: safe because calls run one at a time and each
-    returns a copy of its output (a later replay may reuse the memory of an earlier one's). If capture fails, the
-    calls run eagerly, with a warning."""
+    A shape's first call runs eagerly, on a side stream (it initialises cuDNN's kernels for that shape, as capture
+    needs); its second is captured and replayed; later ones replay. So a shape seen once costs nothing extra, and
+    one seen twice one capture. All graphs share one memory pool: safe because calls run one at a time and each
+    returns a copy of its output (a later replay may reuse the memory of an earlier one's). If a capture fails, the
+    calls run eagerly from then on, with a warning."""
     graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+    seen: set[tuple] = set()
     pool = None
 
     def call(x: torch.Tensor) -> torch.Tensor:
         nonlocal pool
         key = (tuple(x.shape), x.dtype, x.device)
-        if key not in graphs:
-            if pool is False:  # a capture failed before: eager from then on
-                return function(x)
-            static_input = x.clone()
+        if key in graphs:
+            graph, static_input, static_output = graphs[key]
+            static_input.copy_(x)
+            graph.replay()
+            return static_output.clone()
+        if key not in seen or pool is False:
+            seen.add(key)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(2):
-                    function(static_input)
+                output = function(x)
             torch.cuda.current_stream().wait_stream(side)
-            pool = torch.cuda.graph_pool_handle() if pool is None else pool
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                    static_output = function(static_input)
-            except RuntimeError as error:
-                warnings.warn(f"CUDA graph capture failed, running eagerly instead: {error}", stacklevel=2)
-                pool = False
-                return function(x)
-            graphs[key] = graph, static_input, static_output
-        graph, static_input, static_output = graphs[key]
-        static_input.copy_(x)
+            return output
+        pool = torch.cuda.graph_pool_handle() if pool is None else pool
+        static_input, graph = x.clone(), torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                static_output = function(static_input)
+        except RuntimeError as error:
+            warnings.warn(f"CUDA graph capture failed, running eagerly instead: {error}", stacklevel=2)
+            pool = False
+            return function(x)
+        graphs[key] = graph, static_input, static_output
         graph.replay()
         return static_output.clone()
     return call
@@ -183,7 +186,7 @@ class GraphedGenerator:
     """A generator for `vocode_batch` that runs on fixed shapes, so that a few CUDA graphs serve every input: batches
     of `batch_size` rows (filled up with silent rows) and `frames_multiple` frames (padded with silence; the tails
     this padding touches are vocoded again exactly, as for batch mates). On a CPU the same shapes run eagerly (what
-    the tests check); on a GPU each shape is one graph (`cuda_graph_call`).
+    the tests check); on a GPU each shape used more than once becomes a graph (`cuda_graph_call`).
 
     Shapes that would each be used once run eagerly on the generator itself: a mel longer than vocode_batch's
     `max_chunk_frames` (chunked by `vocode`), and the tail of a mel shorter than 2 x `context_frames`."""

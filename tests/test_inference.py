@@ -329,3 +329,51 @@ def test_graphed_generator_runs_a_few_fixed_shapes_and_each_clip_as_alone(tiny_v
     assert batched <= whole_batches | {2 * context} | {n for n in lengths if n < 2 * context}, batched
     assert all(shape[0] == 1 for shape in shapes if shape[0] != 3)  # only the chunked mel runs alone
     assert len([shape for shape in shapes if shape[0] == 1]) >= 2  # ... in chunks
+
+
+def test_cuda_graph_call_runs_a_new_shape_eagerly_captures_it_the_second_time_then_replays(monkeypatch):
+    """The policy, with torch.cuda's graph API faked (no GPU here): what runs eagerly, what is captured, what replays,
+    and that a failed capture falls back to eager calls with a warning."""
+    import contextlib
+    events = []
+
+    class FakeGraph:
+        def replay(self):
+            events.append("replay")
+
+    @contextlib.contextmanager
+    def fake_capture(graph, pool=None, capture_error_mode=None):
+        events.append("capture")
+        yield
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+    fake = {"Stream": FakeStream, "stream": lambda stream: contextlib.nullcontext(), "current_stream": FakeStream,
+            "CUDAGraph": FakeGraph, "graph": fake_capture, "graph_pool_handle": lambda: object()}
+    for name, value in fake.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+
+    def function(x):
+        events.append(f"run {tuple(x.shape)}")
+        return x * 2
+    call = vocoding.cuda_graph_call(function)
+    a, b = torch.ones(1, 3), torch.ones(2, 3)
+    assert torch.equal(call(a), a * 2) and events == ["run (1, 3)"]  # first sight: eager
+    events.clear()
+    assert torch.equal(call(a), a * 2) and events == ["capture", "run (1, 3)", "replay"]  # second: captured
+    events.clear()
+    call(a), call(b)
+    assert events == ["replay", "run (2, 3)"]  # then replayed; another shape starts over
+    events.clear()
+
+    @contextlib.contextmanager
+    def failing_capture(graph, pool=None, capture_error_mode=None):
+        raise RuntimeError("operation not permitted when stream is capturing")
+        yield
+    monkeypatch.setattr(torch.cuda, "graph", failing_capture)
+    with pytest.warns(UserWarning, match="CUDA graph capture failed, running eagerly instead"):
+        assert torch.equal(call(b), b * 2)
+    events.clear()
+    c = torch.ones(3, 3)
+    call(c), call(c), call(c), call(a)
+    assert events == ["run (3, 3)"] * 3 + ["replay"]  # eager from then on; the graphs made before still replay
